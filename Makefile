@@ -1,0 +1,39 @@
+# syncbn developer entry points. `make help` lists them; every target installs what it needs into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast lint format run clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned, so pip takes the CPU wheel instead of resolving a multi-GB CUDA build
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[launch,test,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install syncbn with launch, test and dev extras (idempotent)
+
+test: $(STAMP)  ## run the whole test suite (what CI runs)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(STAMP)  ## only the single-process tests
+	$(BIN)/python -m pytest -m "not multiprocess and not slow" $(ARGS)
+
+lint: $(STAMP)  ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:  ## remove .venv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun

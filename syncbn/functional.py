@@ -1,0 +1,262 @@
+"""sync_batch_norm(): batch normalization whose statistics are those of the global batch.
+
+Forward packs ``[sum x (C), sum x^2 (C), count (1)]`` per rank into one float64 vector and all-reduces it;
+backward all-reduces ``[sum dy (C), sum dy*(x-mean) (C)]``. One collective each way, count-weighted, so
+uneven and empty per-rank batches are exact. See README "Exact semantics".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import comms
+
+_native_bn_backward = torch.ops.aten.native_batch_norm_backward
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are float64 for float64 input and float32 otherwise (half inputs keep float32 stats)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def input_error(input: Tensor, num_features: int | None) -> str | None:
+    """Why ``input`` cannot be batch-normalized over ``num_features`` channels, or None if it can."""
+    if input.dim() < 2:
+        return f"expected input (N, C, *) with at least 2 dims, got {input.dim()}D input {tuple(input.shape)}"
+    if not input.is_floating_point():
+        return f"expected a floating point input, got dtype {input.dtype} (shape {tuple(input.shape)})"
+    if num_features is not None and input.shape[1] != num_features:
+        return f"expected C={num_features} channels, got {input.shape[1]} (input shape {tuple(input.shape)})"
+    return None
+
+
+def _channel_view(v: Tensor, ndim: int) -> Tensor:
+    # (C,) -> (1, C, 1, ..., 1) so it broadcasts against (N, C, *)
+    return v.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _reduce_dims(ndim: int) -> list:
+    return [0, *range(2, ndim)]
+
+
+def _local_moments(x: Tensor, num_features: int) -> Tensor:
+    """This rank's ``[sum x, sum x^2, count]`` as one float64 vector of 2C+1 (the forward payload)."""
+    c = num_features
+    packed = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
+    n = x.numel() // c if c else 0
+    packed[2 * c] = n
+    if n == 0:
+        return packed  # an empty rank still joins the all-reduce with zeros
+    if x.is_cuda:
+        # Welford in the CUDA kernel: stable local mean/var. eps=0 so var = invstd^-2 exactly (inf -> 0).
+        mean, invstd = torch.batch_norm_stats(x, 0.0)
+        mean, var = mean.double(), invstd.double().pow(-2)
+    else:
+        # Sums about a per-channel shift (this rank's first value): x - shift is O(std), so float32 sums
+        # keep their digits even when |mean| >> std, where E[x^2] - E[x]^2 in float32 loses all of them.
+        shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)].detach().to(stats_dtype(x.dtype))
+        centred = torch.sub(x.detach(), _channel_view(shift, x.dim()))  # (N, C, *) in stats dtype
+        dims = _reduce_dims(x.dim())
+        s = centred.sum(dims).double()
+        q = centred.square_().sum(dims).double()
+        mean = shift.double() + s / n
+        var = (q - s * s / n).clamp_min_(0) / n
+    # Moments about zero, combined in float64: the only cancellation left is float64's, ~1e-16*(mean/std)^2.
+    packed[:c] = mean * n
+    packed[c : 2 * c] = (var + mean * mean) * n
+    return packed
+
+
+def _global_stats(packed: Tensor, num_features: int, training: bool, error: str | None, group):
+    """Read the reduced vector: the same numbers on every rank, so every rank takes the same branch."""
+    c = num_features
+    count = packed[2 * c].item()  # the one host read per forward (a device sync on CUDA)
+    if count != count:  # NaN: some rank flagged invalid input
+        comms.raise_on_all_ranks(error, group)
+    count = round(count)
+    if count == 0:
+        raise ValueError(
+            f"SyncBatchNorm: the global batch is empty (0 values per channel across "
+            f"{comms.world_size(group)} ranks); at least one rank must have a non-empty batch"
+        )
+    if training and count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got a global batch of 1 value per "
+            f"channel across {comms.world_size(group)} ranks (C={c})"
+        )
+    mean = packed[:c] / count
+    m2 = (packed[c : 2 * c] - packed[:c] * mean).clamp_min_(0)  # sum of squared deviations
+    return mean, m2, count
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Autograd function behind :func:`sync_batch_norm` (training mode, world size > 1)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        eps: float,
+        momentum: float,
+        num_features: int,
+        process_group,
+    ) -> Tensor:
+        error = input_error(input, num_features)
+        if error is None:
+            packed = _local_moments(input, num_features)
+        else:
+            # Join the collective anyway with a NaN count, so the other ranks learn of the error instead
+            # of waiting for us; then everyone raises together.
+            packed = torch.zeros(2 * num_features + 1, dtype=torch.float64, device=input.device)
+            packed[-1] = float("nan")
+        # Collective 1 of 1 in forward: sums, squares and counts of every rank.
+        comms.all_reduce_sum(packed, process_group)
+        mean, m2, count = _global_stats(packed, num_features, True, error, process_group)
+
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            with torch.no_grad():
+                unbiased = m2 / (count - 1)
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+        sdt = stats_dtype(input.dtype)
+        var64 = m2 / count
+        mean_s, var_s = mean.to(sdt), var64.to(sdt)
+        invstd_s = (var64 + eps).rsqrt().to(sdt)
+        w = weight.to(sdt) if weight is not None else None
+        b = bias.to(sdt) if bias is not None else None
+        if input.numel() == 0:
+            out = torch.empty_like(input)
+        elif input.is_cuda:
+            out = torch.batch_norm_elemt(input, w, b, mean_s, invstd_s, eps)
+        else:
+            # Eval-mode batch_norm with the global stats: one fused pass over the activation.
+            out = torch.batch_norm(input, w, b, mean_s, var_s, False, 0.0, eps, False)
+
+        ctx.save_for_backward(input, weight, mean_s, var_s, invstd_s)
+        ctx.eps, ctx.count, ctx.process_group = eps, count, process_group
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        input, weight, mean, var, invstd = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        c = mean.numel()
+        grad_output = grad_output.contiguous(memory_format=_memory_format(input))
+        grad_input = grad_weight = grad_bias = None
+
+        if input.numel() == 0:
+            sum_dy = torch.zeros(c, dtype=mean.dtype, device=mean.device)
+            sum_dy_xmu = torch.zeros_like(sum_dy)
+        elif input.is_cuda:
+            sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+                grad_output, input, mean, invstd, weight, need_input, need_weight, need_bias
+            )
+        else:
+            # Train-mode native backward with invstd=1 returns exactly sum(dy*(x-mean)) and sum(dy) in one
+            # fused pass over the activation (it subtracts the mean before multiplying: no cancellation).
+            ones = torch.ones_like(mean)
+            _, sum_dy_xmu, sum_dy = _native_bn_backward(
+                grad_output, input, None, None, None, mean, ones, True, ctx.eps, [False, True, True]
+            )
+        if input.numel() == 0 or not input.is_cuda:
+            # needs_input_grad is False for a None weight/bias, so these stay None when there is none.
+            grad_weight = sum_dy_xmu * invstd if need_weight else None  # local: DDP averages it
+            grad_bias = sum_dy.clone() if need_bias else None
+
+        if need_input:
+            # Collective 1 of 1 in backward: the two per-channel sums the input gradient needs.
+            packed = torch.cat([sum_dy, sum_dy_xmu]).double()
+            comms.all_reduce_sum(packed, ctx.process_group)
+            grad_input = _input_grad(
+                grad_output, input, weight, mean, var, invstd, packed, ctx.count, ctx.eps
+            )
+
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _input_grad(dy, x, weight, mean, var, invstd, packed, count, eps) -> Tensor:
+    """dx = (dy - sum_dy/N - (x - mean) * invstd^2 * sum_dy_xmu/N) * invstd * weight."""
+    c = mean.numel()
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    if x.is_cuda:
+        sdt = mean.dtype
+        counts = torch.tensor([count], dtype=torch.int32, device=x.device)
+        return torch.batch_norm_backward_elemt(
+            dy, x, mean, invstd, weight, packed[:c].to(sdt), packed[c:].to(sdt), counts
+        )
+    mean_dy, mean_dy_xmu = packed[:c] / count, packed[c:] / count
+    inv = invstd.double()
+    a = inv * (weight.double() if weight is not None else 1.0)
+    # dx = a*dy + b*(x - mean) + c: the (x - mean) part is one eval-mode batch_norm pass with
+    # weight b/invstd and bias c, then dy*a is added in place: two passes, no extra activation-sized temp.
+    scale = (-a * inv * mean_dy_xmu).to(mean.dtype)
+    shift = (-a * mean_dy).to(mean.dtype)
+    dx = torch.batch_norm(x, scale, shift, mean, var, False, 0.0, eps, False)
+    return dx.addcmul_(dy, _channel_view(a.to(mean.dtype), x.dim()))
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+) -> Tensor:
+    """Like ``F.batch_norm``, but in training the statistics are those of the whole process group.
+
+    Falls back to ``F.batch_norm`` (no collective) when not training or when the group has one rank.
+    Unlike the :class:`SyncBatchNorm` module, which checks once, every call first checks with a tiny
+    collective that all ranks agree on the channel count (a mismatch would otherwise abort gloo).
+    """
+    if not training or comms.world_size(process_group) == 1:
+        return _local_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    known = next((t.numel() for t in (weight, running_mean) if t is not None), None)
+    error = input_error(input, known)
+    num_features = known if known is not None else (input.shape[1] if error is None else -1)
+    comms.check_num_features(num_features, input.device, process_group, error)
+    return _apply(input, weight, bias, running_mean, running_var, eps, momentum, num_features, process_group)
+
+
+def _apply(
+    input, weight, bias, running_mean, running_var, eps, momentum, num_features, process_group
+) -> Tensor:
+    # autocast would recast our float32 statistics; the function picks its own dtypes.
+    with torch.autocast(device_type=input.device.type, enabled=False):
+        return SyncBatchNormFunction.apply(
+            input, weight, bias, running_mean, running_var, eps, momentum, num_features, process_group
+        )
+
+
+def _local_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
+    known = next((t.numel() for t in (weight, running_mean) if t is not None), None)
+    error = input_error(input, known)
+    if error is not None:
+        raise ValueError(f"SyncBatchNorm: {error}")
+    return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
