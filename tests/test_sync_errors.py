@@ -1,0 +1,121 @@
+"""Tier 2: bad input raises the same clear ValueError on every rank, never a hang or a process abort.
+
+Each case runs on all ranks inside one spawn; after every error the group must still work, which proves no
+rank was left behind in a collective.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from syncbn import SyncBatchNorm, sync_batch_norm
+
+from .dist import spawn, values
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _bad_on(rank: int, bad_rank: int, good, bad):
+    return bad if rank == bad_rank else good
+
+
+def error_cases(rank: int, world_size: int) -> list:
+    """(name, needs a used layer first, callable) for every invalid-input path."""
+    last = world_size - 1
+    x = torch.randn(4, 3, 5)
+    return [
+        ("rank1d", lambda: SyncBatchNorm(3)(_bad_on(rank, last, x, torch.randn(7)))),
+        ("wrong_channels", lambda: SyncBatchNorm(3)(_bad_on(rank, last, x, torch.randn(4, 5, 5)))),
+        (
+            "integer_input",
+            lambda: SyncBatchNorm(3)(_bad_on(rank, last, x, torch.ones(4, 3, 5, dtype=torch.long))),
+        ),
+        (
+            "ranks_disagree_on_C",
+            lambda: SyncBatchNorm(3 + (rank == last))(torch.randn(4, 3 + (rank == last), 5)),
+        ),
+        ("global_batch_empty", lambda: SyncBatchNorm(3)(torch.randn(0, 3, 5))),
+        (
+            "global_one_value",
+            lambda: SyncBatchNorm(3)(_bad_on(rank, 0, torch.randn(0, 3), torch.randn(1, 3))),
+        ),
+        (
+            "functional_wrong_channels",
+            lambda: sync_batch_norm(
+                _bad_on(rank, last, x, torch.randn(4, 2, 5)), None, None, torch.ones(3), None, training=True
+            ),
+        ),
+        (
+            "functional_disagree_no_params",
+            lambda: sync_batch_norm(torch.randn(4, 3 + (rank == last), 5), None, None, training=True),
+        ),
+    ]
+
+
+def later_call_cases(rank: int, world_size: int) -> list:
+    """The same local errors on a layer that already synced once (past its first-call check)."""
+    last = world_size - 1
+    cases = []
+    for name, bad in [
+        ("later_rank1d", torch.randn(7)),
+        ("later_wrong_channels", torch.randn(4, 6, 5)),
+        ("later_integer_input", torch.ones(4, 3, 5, dtype=torch.int32)),
+    ]:
+        layer = SyncBatchNorm(3)
+        layer(torch.randn(4, 3, 5))  # first call: the channel check runs and passes
+
+        def call(layer=layer, bad=bad):
+            layer(_bad_on(rank, last, torch.randn(4, 3, 5), bad))
+
+        cases.append((name, call))
+    return cases
+
+
+def run_errors(rank: int, world_size: int) -> dict:
+    results = {}
+    for name, call in error_cases(rank, world_size) + later_call_cases(rank, world_size):
+        start = time.monotonic()
+        try:
+            call()
+            results[name] = (None, "", time.monotonic() - start)
+        except Exception as e:
+            results[name] = (type(e).__name__, str(e), time.monotonic() - start)
+    # The group is still in step: a normal synced call works after all those errors.
+    layer = SyncBatchNorm(3)
+    y = layer(torch.randn(4, 3, 5))
+    results["still_works"] = (None, str(tuple(y.shape)), 0.0)
+    return results
+
+
+EXPECTED = {
+    "rank1d": ["1D input", "(7,)"],
+    "wrong_channels": ["expected C=3 channels, got 5"],
+    "integer_input": ["floating point", "torch.int64"],
+    "ranks_disagree_on_C": ["disagree", "C=3", "C=4"],
+    "global_batch_empty": ["empty", "0 values per channel"],
+    "global_one_value": ["more than 1 value per channel", "1 value"],
+    "functional_wrong_channels": ["expected C=3 channels, got 2"],
+    "functional_disagree_no_params": ["disagree"],
+    "later_rank1d": ["1D input"],
+    "later_wrong_channels": ["expected C=3 channels, got 6"],
+    "later_integer_input": ["floating point", "torch.int32"],
+}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_rank_raises_the_same_clear_error(world_size, tmp_path):
+    per_rank = values(spawn(run_errors, world_size, tmp_path, timeout=90, pg_timeout=20))
+    for name, fragments in EXPECTED.items():
+        for rank, results in enumerate(per_rank):
+            kind, message, seconds = results[name]
+            assert kind == "ValueError", f"{name} on rank {rank}: {kind} {message}"
+            for fragment in fragments:
+                assert fragment in message, f"{name} on rank {rank}: {fragment!r} not in {message!r}"
+            assert seconds < 10, f"{name} on rank {rank} took {seconds:.1f}s"
+        # The rank that failed is named on every rank, so users find the culprit from any log.
+        if "disagree" not in fragments[0] and name.startswith(("rank1d", "wrong", "integer", "later")):
+            assert all(f"rank {world_size - 1}" in results[name][1] for results in per_rank), name
+    assert all(results["still_works"][1] == "(4, 3, 5)" for results in per_rank)
