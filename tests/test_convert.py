@@ -1,4 +1,4 @@
-"""Tier 1: convert_sync_batchnorm / revert_sync_batchnorm swap layers, share state, and round-trip checkpoints."""
+"""Tier 1: convert_sync_batchnorm / revert_sync_batchnorm swap layers, share state, round-trip checkpoints."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def test_constructor_matches_torch_syncbatchnorm():
 def test_parameters_buffers_and_state_dict_match_torch(options):
     ours, theirs = SyncBatchNorm(5, **options), nn.SyncBatchNorm(5, **options)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    for (n1, t1), (n2, t2) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+    for (n1, t1), (n2, t2) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
         assert n1 == n2 and t1.shape == t2.shape and t1.dtype == t2.dtype and torch.equal(t1, t2)
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
     # checkpoints move both ways
@@ -69,7 +69,9 @@ def test_not_distributed_is_plain_batchnorm(shape, options):
         y.sum().backward()
         yr.sum().backward()
         assert torch.equal(x.grad, xr.grad)
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values(), strict=True)
+    )
     ours.eval()
     ref.eval()
     x = torch.randn(shape, dtype=torch.float64)

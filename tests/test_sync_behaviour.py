@@ -30,8 +30,8 @@ def count_collectives(rank: int, world_size: int) -> dict:
     for _ in range(4):
         x = torch.randn(5, 4, 3, 3, requires_grad=True)
         out = {}
-        counts["forward"].append(_gloo_calls(lambda x=x: out.setdefault("y", layer(x))))
-        counts["backward"].append(_gloo_calls(lambda: out["y"].sum().backward()))
+        counts["forward"].append(_gloo_calls(lambda x=x, out=out: out.setdefault("y", layer(x))))
+        counts["backward"].append(_gloo_calls(lambda out=out: out["y"].sum().backward()))
     layer.eval()
     with torch.no_grad():
         counts["eval"] = _gloo_calls(lambda: layer(torch.randn(5, 4, 3, 3)))
