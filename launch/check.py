@@ -1,0 +1,128 @@
+"""task=check: a self-test to run on a cluster before a long job.
+
+Every rank normalizes its (uneven) slice of a seeded global batch with SyncBatchNorm, forward and backward,
+and compares with float64 BatchNorm on the whole batch; it also times one all-reduce of the stats payload.
+Prints backend, world size, max error and latency; a failure raises on every rank (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from syncbn import SyncBatchNorm
+
+from .worker import Context, sync_group
+
+
+def uneven_splits(total: int, parts: int) -> list[int]:
+    """Split ``total`` rows over ``parts`` ranks in proportion 1:2:...:parts (some may get 0)."""
+    weights = list(range(1, parts + 1))
+    sizes = [total * w // sum(weights) for w in weights]
+    sizes[-1] += total - sum(sizes)
+    return sizes
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    if want.numel() == 0:
+        return 0.0
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
+
+
+def _compare(ctx: Context, group) -> float:
+    k = ctx.cfg["check"]
+    channels, spatial = k["channels"], list(k["spatial"])
+    group_size = dist.get_world_size(group) if group is not None else ctx.world_size
+    group_rank = dist.get_rank(group) if group is not None else ctx.rank
+    group_index = ctx.rank // group_size
+    splits = uneven_splits(k["global_batch"], group_size)
+    start = sum(splits[:group_rank])
+    rows = slice(start, start + splits[group_rank])
+    gen = torch.Generator().manual_seed(ctx.cfg["seed"] + group_index)  # one global batch per group
+    layer = SyncBatchNorm(channels, process_group=group, device=ctx.device, dtype=torch.float64)
+    ref = (
+        torch.nn.BatchNorm2d(channels, device=ctx.device, dtype=torch.float64) if len(spatial) == 2 else None
+    )
+    ref = ref or torch.nn.BatchNorm1d(channels, device=ctx.device, dtype=torch.float64)
+    worst = 0.0
+    for _ in range(k["steps"]):
+        shape = [k["global_batch"], channels, *spatial]
+        xg = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).to(ctx.device)
+        dyg = torch.randn(shape, generator=gen, dtype=torch.float64).to(ctx.device)
+        x = xg[rows].clone().requires_grad_(True)
+        y = layer(x)
+        y.backward(dyg[rows])
+        xr = xg.clone().requires_grad_(True)
+        yr = ref(xr)
+        yr.backward(dyg)
+        grad_w = layer.weight.grad.clone()
+        dist.all_reduce(grad_w, group=group)  # weight grads are local; their group sum is the batch's
+        worst = max(
+            worst,
+            _rel_err(y, yr[rows]),
+            _rel_err(x.grad, xr.grad[rows]),
+            _rel_err(grad_w, ref.weight.grad),
+            _rel_err(layer.running_mean, ref.running_mean),
+            _rel_err(layer.running_var, ref.running_var),
+        )
+        layer.weight.grad = ref.weight.grad = None
+        layer.bias.grad = ref.bias.grad = None
+    return worst
+
+
+def _all_reduce_latency_us(ctx: Context, numel: int, iters: int) -> float:
+    payload = torch.zeros(numel, dtype=torch.float64, device=ctx.device)
+    times = []
+    for i in range(iters + 5):
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dist.all_reduce(payload)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 5:  # warm-up excluded
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def check(ctx: Context) -> None:
+    c = ctx.cfg["check"]
+    group = sync_group(ctx)
+    err = torch.tensor([_compare(ctx, group)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)  # the verdict is the same on every rank
+    max_err = err.item()
+    latency = _all_reduce_latency_us(ctx, 2 * c["channels"] + 1, c["comm_iters"])
+    passed = max_err <= c["tol"]
+    result = {
+        "passed": passed,
+        "backend": ctx.backend,
+        "device": ctx.device.type,
+        "world_size": ctx.world_size,
+        "group_size": ctx.cfg["syncbn"]["group_size"] or ctx.world_size,
+        "max_error": max_err,
+        "tolerance": c["tol"],
+        "allreduce_numel": 2 * c["channels"] + 1,
+        "allreduce_latency_us": round(latency, 1),
+    }
+    if ctx.is_main:
+        (ctx.run_dir / "check.json").write_text(json.dumps(result, indent=2) + "\n")
+        ctx.log.info(
+            "syncbn check %s: backend %s, world size %d (sync groups of %d), max rel. error %.3g (tol %.0e), "
+            "all-reduce of %d float64: %.1f us median",
+            "PASSED" if passed else "FAILED",
+            result["backend"],
+            result["world_size"],
+            result["group_size"],
+            max_err,
+            c["tol"],
+            result["allreduce_numel"],
+            latency,
+        )
+    if not passed:
+        raise RuntimeError(
+            f"syncbn check failed: max relative error {max_err:.3g} > tolerance {c['tol']:.0e}"
+        )
