@@ -157,7 +157,8 @@ def train(ctx: Context) -> None:
             progress.clear()
             ctx.log.info(
                 f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} "
-                f"acc {row['train_accuracy']:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  ({row['seconds']:.1f}s)"
+                f"acc {row['train_accuracy']:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
+                f"({row['seconds']:.1f}s)"
             )
             progress.refresh()
         checkpoint(0)
