@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format run clean
+.PHONY: help install test test-fast lint format run check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ lint: $(STAMP)  ## ruff lint + format check
 format: $(STAMP)  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+run: $(STAMP)  ## train with the default config on 2 local gloo workers (ARGS="overrides ...")
+	$(BIN)/python -m launch.run $(ARGS)
+
+check: $(STAMP)  ## distributed self-test: SyncBN vs float64 BatchNorm, all-reduce latency (ARGS=...)
+	$(BIN)/python -m launch.run task=check $(ARGS)
 
 clean:  ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun

@@ -1,0 +1,185 @@
+"""Tier 3: the launcher end to end, as users run it: subprocesses, real elastic agents, loopback only.
+
+Each test starts a whole job (agent + workers, ~5-10 s on 2 cores), so each one checks several things.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.multiprocess
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ["experiment=smoke", "data.train.size=48", "data.test.size=24", "train.epochs=2"]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "PET_", "SLURM_"))}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def run(args: list[str], timeout: float = 100, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_run_writes_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    proc = run(["-m", "launch.run", *SMOKE, f"hydra.run.dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["task"]["name"] == "train" and config["train"]["epochs"] == 2  # resolved snapshot
+    assert {p.name for p in (out / "logs").iterdir()} == {"rank0.log", "rank1.log"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["norm"] == "syncbn" and summary["restarts"] == 0
+    assert summary["steps"] == rows[-1]["step"] > 0 and 0 <= summary["final_accuracy"] <= 1
+    assert summary["seconds"] > 0
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == summary["steps"] and "stem.1.running_mean" in state["model"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # Console: rank 0 only, with the per-epoch lines and the summary table.
+    assert "epoch 2/2" in proc.stdout and "test_accuracy" in proc.stdout
+    assert "rank 1/2" not in proc.stdout and "rank 1/2" in (out / "logs" / "rank1.log").read_text()
+
+
+def test_failing_rank_reports_its_exception(tmp_path):
+    proc = run(
+        [
+            "-m",
+            "launch.run",
+            *SMOKE,
+            "data.train._target_=launch.data.NoSuchDataset",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    assert proc.returncode == 1
+    assert "NoSuchDataset" in proc.stderr and "rank 0" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["launcher.nproc_per_node=0"], "error: launcher.nproc_per_node must be an integer >= 1, got 0"),
+        (
+            ["syncbn.group_size=3", "task=check"],
+            "error: syncbn.group_size=3 does not divide the world size 2",
+        ),
+    ],
+)
+def test_bad_config_prints_one_line(overrides, message, tmp_path):
+    proc = run(["-m", "launch.run", *overrides, f"hydra.run.dir={tmp_path}"], timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_override_prints_hydras_message_without_traceback(tmp_path):
+    for overrides in (["no_such_key=1"], ["norm=nope"]):
+        proc = run(["-m", "launch.run", *overrides, f"hydra.run.dir={tmp_path}"], timeout=60)
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr and ("no_such_key" in proc.stderr or "nope" in proc.stderr)
+
+
+def test_refuses_to_run_inside_an_elastic_job(tmp_path):
+    env = _env() | {"TORCHELASTIC_RUN_ID": "outer"}
+    proc = run(["-m", "launch.run", f"hydra.run.dir={tmp_path}"], timeout=60, env=env)
+    assert proc.returncode == 2 and "cannot run inside an elastic job" in proc.stderr
+    proc = run(["-m", "launch.worker", "task=check"], timeout=60)
+    assert proc.returncode != 0 and "torchrun" in proc.stderr
+
+
+def test_torchrun_runs_the_worker_directly(tmp_path):
+    out = tmp_path / "torchrun"
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "launch.worker"]
+    proc = run([*args, "task=check", f"run_dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "check.json").read_text())
+    assert result["passed"] and result["world_size"] == 2 and result["backend"] == "gloo"
+    assert yaml.safe_load((out / "config.yaml").read_text())["task"]["name"] == "check"
+
+
+def test_two_elastic_agents_form_one_job(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = [
+        "-m",
+        "launch.run",
+        "task=check",
+        "launcher.nnodes=2",
+        "launcher.nproc_per_node=1",
+        f"launcher.rdzv_endpoint={endpoint}",
+        "launcher.run_id=two-agents",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *common, f"hydra.run.dir={tmp_path / f'node{i}'}"],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=100) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(f.read_text()) for f in tmp_path.glob("node*/check.json")]
+    assert len(results) == 1  # written by global rank 0 only
+    assert results[0]["passed"] and results[0]["world_size"] == 2
+
+
+def test_group_size_through_the_launcher(tmp_path):
+    proc = run(
+        [
+            "-m",
+            "launch.run",
+            "task=check",
+            "launcher.nproc_per_node=4",
+            "syncbn.group_size=2",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert result["passed"] and result["world_size"] == 4 and result["group_size"] == 2
+
+
+def test_experiment_multirun_sweeps_norm(tmp_path):
+    proc = run(
+        [
+            "-m",
+            "launch.run",
+            "-m",
+            "experiment=small_batch",
+            "data=synthetic",
+            "data.train.size=32",
+            "data.test.size=16",
+            "train.epochs=1",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        timeout=160,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
+    assert sorted(s["norm"] for s in summaries) == ["bn", "syncbn"]
+    assert all(s["batch_size"] == 1 for s in summaries)
