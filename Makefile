@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format run check clean
+.PHONY: help install test test-fast lint format run check bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ run: $(STAMP)  ## train with the default config on 2 local gloo workers (ARGS="o
 
 check: $(STAMP)  ## distributed self-test: SyncBN vs float64 BatchNorm, all-reduce latency (ARGS=...)
 	$(BIN)/python -m launch.run task=check $(ARGS)
+
+bench: $(STAMP)  ## benchmark SyncBN vs local BN + comm vs naive on 4 ranks, 1 thread each (ARGS=...)
+	$(BIN)/python -m launch.run task=bench launcher.nproc_per_node=4 $(ARGS)
 
 clean:  ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun

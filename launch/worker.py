@@ -125,6 +125,10 @@ def run_worker(cfg: dict[str, Any], run_dir: str) -> None:
             from .check import check
 
             check(ctx)
+        elif name == "bench":
+            from .bench import bench
+
+            bench(ctx)
         else:
             raise ConfigError(f"unknown task {name!r}")
     finally:

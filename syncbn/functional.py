@@ -37,58 +37,58 @@ def _channel_view(v: Tensor, ndim: int) -> Tensor:
     return v.view((1, -1) + (1,) * (ndim - 2))
 
 
-def _reduce_dims(ndim: int) -> list:
-    return [0, *range(2, ndim)]
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _local_moments(x: Tensor, num_features: int) -> Tensor:
-    """This rank's ``[sum x, sum x^2, count]`` as one float64 vector of 2C+1 (the forward payload)."""
-    c = num_features
-    packed = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
-    n = x.numel() // c if c else 0
-    packed[2 * c] = n
-    if n == 0:
-        return packed  # an empty rank still joins the all-reduce with zeros
+    """This rank's ``[sum x (C), sum x^2 (C), count (1)]`` as one float64 vector: the forward payload."""
+    c, n = num_features, x.numel() // num_features
+    if n == 0:  # an empty rank still joins the all-reduce, with zeros
+        return torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
     if x.is_cuda:
-        # Welford in the CUDA kernel: stable local mean/var. eps=0 so var = invstd^-2 exactly (inf -> 0).
+        # The native Welford kernel: stable local moments. eps=0 makes var = invstd^-2 exactly (inf -> 0).
         mean, invstd = torch.batch_norm_stats(x, 0.0)
-        mean, var = mean.double(), invstd.double().pow(-2)
-    else:
-        # Sums about a per-channel shift (this rank's first value): x - shift is O(std), so float32 sums
-        # keep their digits even when |mean| >> std, where E[x^2] - E[x]^2 in float32 loses all of them.
-        shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)].detach().to(stats_dtype(x.dtype))
-        centred = torch.sub(x.detach(), _channel_view(shift, x.dim()))  # (N, C, *) in stats dtype
-        dims = _reduce_dims(x.dim())
-        s = centred.sum(dims).double()
-        q = centred.square_().sum(dims).double()
-        mean = shift.double() + s / n
-        var = (q - s * s / n).clamp_min_(0) / n
-    # Moments about zero, combined in float64: the only cancellation left is float64's, ~1e-16*(mean/std)^2.
-    packed[:c] = mean * n
-    packed[c : 2 * c] = (var + mean * mean) * n
-    return packed
+        moments = torch.stack([mean, invstd]).double()  # (2, C)
+        moments[1].pow_(-2).add_(moments[0] * moments[0])  # E[x^2] = var + mean^2
+        return torch.cat([moments.view(-1) * n, moments.new_full((1,), n)])
+    # Sums about a per-channel shift (this rank's first value): x - shift is O(std), so float32 sums keep
+    # their digits even when |mean| >> std, where E[x^2] - E[x]^2 in float32 loses all of them.
+    dims = [0, *range(2, x.dim())]
+    shift = x.as_strided((c,), (x.stride(1),), x.storage_offset())  # x[0, :, 0, ...] as one view op
+    if shift.dtype != stats_dtype(x.dtype):
+        shift = shift.to(stats_dtype(x.dtype))
+    centred = x - _channel_view(shift, x.dim())  # (N, C, *), float32 even for half input
+    local = torch.stack([centred.sum(dims), centred.square_().sum(dims)]).double()  # (2, C)
+    # Back to moments about zero in float64: sum x = S' + n*k, sum x^2 = Q' + k*(S' + sum x).
+    k = shift.double()
+    total = torch.add(local[0], k, alpha=n)
+    square = torch.addcmul(local[1], k, local[0] + total)
+    return torch.cat([total, square, total.new_full((1,), n)])
 
 
-def _global_stats(packed: Tensor, num_features: int, training: bool, error: str | None, group):
-    """Read the reduced vector: the same numbers on every rank, so every rank takes the same branch."""
-    c = num_features
-    count = packed[2 * c].item()  # the one host read per forward (a device sync on CUDA)
-    if count != count:  # NaN: some rank flagged invalid input
+def _global_count(packed: Tensor, error: str | None, group) -> int:
+    """The global count, read once on the host; every rank reads the same number and takes the same branch."""
+    count = packed[-1].item()  # the one host read per forward (a device sync on CUDA)
+    if count != count:  # NaN: some rank flagged invalid input and joined only to tell us
         comms.raise_on_all_ranks(error, group)
     count = round(count)
+    c = (packed.numel() - 1) // 2
     if count == 0:
         raise ValueError(
             f"SyncBatchNorm: the global batch is empty (0 values per channel across "
             f"{comms.world_size(group)} ranks); at least one rank must have a non-empty batch"
         )
-    if training and count == 1:
+    if count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got a global batch of 1 value per "
             f"channel across {comms.world_size(group)} ranks (C={c})"
         )
-    mean = packed[:c] / count
-    m2 = (packed[c : 2 * c] - packed[:c] * mean).clamp_min_(0)  # sum of squared deviations
-    return mean, m2, count
+    return count
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -107,8 +107,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         num_features: int,
         process_group,
     ) -> Tensor:
+        # forward runs without autograd recording, so nothing here needs detach()
         error = input_error(input, num_features)
         if error is None:
+            input = input.contiguous(memory_format=_memory_format(input))  # a no-op unless oddly strided
             packed = _local_moments(input, num_features)
         else:
             # Join the collective anyway with a NaN count, so the other ranks learn of the error instead
@@ -117,46 +119,44 @@ class SyncBatchNormFunction(torch.autograd.Function):
             packed[-1] = float("nan")
         # Collective 1 of 1 in forward: sums, squares and counts of every rank.
         comms.all_reduce_sum(packed, process_group)
-        mean, m2, count = _global_stats(packed, num_features, True, error, process_group)
+        count = _global_count(packed, error, process_group)
 
+        stats = packed[:-1].view(2, -1) / count  # float64 (2, C): E[x], E[x^2]
+        mean, var = stats
+        var.addcmul_(mean, mean, value=-1).clamp_min_(0)  # in place: stats is now (mean, biased var)
         if running_mean is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         if running_var is not None:
-            with torch.no_grad():
-                unbiased = m2 / (count - 1)
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
         sdt = stats_dtype(input.dtype)
-        var64 = m2 / count
-        mean_s, var_s = mean.to(sdt), var64.to(sdt)
-        invstd_s = (var64 + eps).rsqrt().to(sdt)
-        w = weight.to(sdt) if weight is not None else None
-        b = bias.to(sdt) if bias is not None else None
+        mean_s, var_s = stats.to(sdt)
+        w = weight if weight is None or weight.dtype == sdt else weight.to(sdt)
+        b = bias if bias is None or bias.dtype == sdt else bias.to(sdt)
         if input.numel() == 0:
             out = torch.empty_like(input)
         elif input.is_cuda:
-            out = torch.batch_norm_elemt(input, w, b, mean_s, invstd_s, eps)
+            out = torch.batch_norm_elemt(input, w, b, mean_s, (var_s + eps).rsqrt(), eps)
         else:
             # Eval-mode batch_norm with the global stats: one fused pass over the activation.
             out = torch.batch_norm(input, w, b, mean_s, var_s, False, 0.0, eps, False)
 
-        ctx.save_for_backward(input, weight, mean_s, var_s, invstd_s)
+        ctx.save_for_backward(input, weight, mean_s, var_s)
         ctx.eps, ctx.count, ctx.process_group = eps, count, process_group
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        input, weight, mean, var, invstd = ctx.saved_tensors
+        input, weight, mean, var = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        c = mean.numel()
-        grad_output = grad_output.contiguous(memory_format=_memory_format(input))
         grad_input = grad_weight = grad_bias = None
+        grad_output = grad_output.contiguous(memory_format=_memory_format(input))
+        invstd = (var + ctx.eps).rsqrt()
 
         if input.numel() == 0:
-            sum_dy = torch.zeros(c, dtype=mean.dtype, device=mean.device)
-            sum_dy_xmu = torch.zeros_like(sum_dy)
+            sum_dy = torch.zeros_like(mean)
+            sum_dy_xmu = torch.zeros_like(mean)
         elif input.is_cuda:
             sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
                 grad_output, input, mean, invstd, weight, need_input, need_weight, need_bias
@@ -164,22 +164,29 @@ class SyncBatchNormFunction(torch.autograd.Function):
         else:
             # Train-mode native backward with invstd=1 returns exactly sum(dy*(x-mean)) and sum(dy) in one
             # fused pass over the activation (it subtracts the mean before multiplying: no cancellation).
-            ones = torch.ones_like(mean)
             _, sum_dy_xmu, sum_dy = _native_bn_backward(
-                grad_output, input, None, None, None, mean, ones, True, ctx.eps, [False, True, True]
+                grad_output,
+                input,
+                None,
+                None,
+                None,
+                mean,
+                torch.ones_like(mean),
+                True,
+                0.0,
+                [False, True, True],
             )
         if input.numel() == 0 or not input.is_cuda:
             # needs_input_grad is False for a None weight/bias, so these stay None when there is none.
             grad_weight = sum_dy_xmu * invstd if need_weight else None  # local: DDP averages it
-            grad_bias = sum_dy.clone() if need_bias else None
+            grad_bias = sum_dy if need_bias else None
 
         if need_input:
             # Collective 1 of 1 in backward: the two per-channel sums the input gradient needs.
             packed = torch.cat([sum_dy, sum_dy_xmu]).double()
             comms.all_reduce_sum(packed, ctx.process_group)
-            grad_input = _input_grad(
-                grad_output, input, weight, mean, var, invstd, packed, ctx.count, ctx.eps
-            )
+            means = (packed.view(2, -1) / ctx.count).to(mean.dtype)  # mean dy, mean dy*(x - mean)
+            grad_input = _input_grad(grad_output, input, weight, mean, var, invstd, means, ctx.count, ctx.eps)
 
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
@@ -188,34 +195,21 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _input_grad(dy, x, weight, mean, var, invstd, packed, count, eps) -> Tensor:
-    """dx = (dy - sum_dy/N - (x - mean) * invstd^2 * sum_dy_xmu/N) * invstd * weight."""
-    c = mean.numel()
+def _input_grad(dy, x, weight, mean, var, invstd, means, count, eps) -> Tensor:
+    """dx = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight."""
     if x.numel() == 0:
         return torch.zeros_like(x)
     if x.is_cuda:
-        sdt = mean.dtype
-        counts = torch.tensor([count], dtype=torch.int32, device=x.device)
+        # The native kernel takes sums and divides by the total of the per-rank counts it is given.
+        counts = torch.full((1,), count, dtype=torch.int32, device=x.device)
         return torch.batch_norm_backward_elemt(
-            dy, x, mean, invstd, weight, packed[:c].to(sdt), packed[c:].to(sdt), counts
+            dy, x, mean, invstd, weight, means[0] * count, means[1] * count, counts
         )
-    mean_dy, mean_dy_xmu = packed[:c] / count, packed[c:] / count
-    inv = invstd.double()
-    a = inv * (weight.double() if weight is not None else 1.0)
-    # dx = a*dy + b*(x - mean) + c: the (x - mean) part is one eval-mode batch_norm pass with
-    # weight b/invstd and bias c, then dy*a is added in place: two passes, no extra activation-sized temp.
-    scale = (-a * inv * mean_dy_xmu).to(mean.dtype)
-    shift = (-a * mean_dy).to(mean.dtype)
-    dx = torch.batch_norm(x, scale, shift, mean, var, False, 0.0, eps, False)
-    return dx.addcmul_(dy, _channel_view(a.to(mean.dtype), x.dim()))
+    a = invstd if weight is None else invstd * weight.to(mean.dtype)
+    # dx = a*dy + b*(x - mean) + c, per channel. The b and c part is one eval-mode batch_norm pass
+    # (weight b/invstd, bias c), then a*dy is added in place: two passes, no extra activation-sized temp.
+    dx = torch.batch_norm(x, -a * invstd * means[1], -a * means[0], mean, var, False, 0.0, eps, False)
+    return dx.addcmul_(dy, _channel_view(a, x.dim()))
 
 
 def sync_batch_norm(
@@ -247,11 +241,12 @@ def sync_batch_norm(
 def _apply(
     input, weight, bias, running_mean, running_var, eps, momentum, num_features, process_group
 ) -> Tensor:
-    # autocast would recast our float32 statistics; the function picks its own dtypes.
-    with torch.autocast(device_type=input.device.type, enabled=False):
-        return SyncBatchNormFunction.apply(
-            input, weight, bias, running_mean, running_var, eps, momentum, num_features, process_group
-        )
+    args = (input, weight, bias, running_mean, running_var, eps, momentum, num_features, process_group)
+    if torch.is_autocast_enabled(input.device.type):
+        # autocast would recast our float32 statistics; the function picks its own dtypes.
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            return SyncBatchNormFunction.apply(*args)
+    return SyncBatchNormFunction.apply(*args)
 
 
 def _local_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
