@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 def conf_dir() -> Path:
     """The folder holding config.yaml: $SYNCBN_CONF_DIR, the checkout's conf/, or the copy in the wheel."""
     here = Path(__file__).resolve().parent
-    candidates = [os.environ.get(CONF_ENV), here.parent / "conf", here / "conf"]
+    # The copy inside the package (wheel, Docker image) first, then the source checkout's conf/.
+    candidates = [os.environ.get(CONF_ENV), here / "conf", here.parent / "conf"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "config.yaml").is_file():
             return Path(candidate)
@@ -58,7 +59,12 @@ def validate(cfg: dict[str, Any], cuda_available: bool) -> None:
     nproc = launcher["nproc_per_node"]
     if not isinstance(nproc, int) or nproc < 1:
         raise ConfigError(f"launcher.nproc_per_node must be an integer >= 1, got {nproc!r}")
-    parse_nnodes(launcher["nnodes"])
+    _, max_nodes = parse_nnodes(launcher["nnodes"])
+    if max_nodes > 1 and str(launcher["rdzv_endpoint"]).rpartition(":")[2] in ("", "0"):
+        raise ConfigError(
+            f"launcher.nnodes={launcher['nnodes']} needs a fixed rendezvous port that every node can reach, "
+            f"got launcher.rdzv_endpoint={launcher['rdzv_endpoint']!r} (e.g. head-node:29400)"
+        )
     if cfg["device"] not in ("cpu", "cuda"):
         raise ConfigError(f"device must be cpu or cuda, got {cfg['device']!r}")
     if cfg["device"] == "cuda" and not cuda_available:

@@ -26,7 +26,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A crash between writing an epoch's row and its checkpoint repeats that epoch: keep its last row.
+    return list({row["epoch"]: row for row in rows}.values())
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

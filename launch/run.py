@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, conf_dir, parse_nnodes, save_config, validate
+from .config import ConfigError, conf_dir, parse_nnodes, validate
 
 # Set by torchrun / the elastic agent in every worker it starts.
 _ELASTIC_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK")
@@ -29,6 +29,11 @@ def _launch_config(cfg: dict, run_dir: Path):
     launcher = cfg["launcher"]
     min_nodes, max_nodes = parse_nnodes(launcher["nnodes"])
     nproc = launcher["nproc_per_node"]
+    rdzv_configs = {"join_timeout": int(launcher["join_timeout_s"])}
+    if launcher.get("is_host") is not None:
+        # c10d guesses whether this node hosts the rendezvous store from its hostname, which fails behind
+        # NAT, in containers and in network namespaces; the launcher can say so explicitly.
+        rdzv_configs["is_host"] = bool(launcher["is_host"])
     return LaunchConfig(
         min_nodes=min_nodes,
         max_nodes=max_nodes,
@@ -36,10 +41,11 @@ def _launch_config(cfg: dict, run_dir: Path):
         run_id=str(launcher["run_id"]),
         rdzv_backend="c10d",
         rdzv_endpoint=str(launcher["rdzv_endpoint"]),
-        rdzv_configs={"join_timeout": int(launcher["join_timeout_s"])},
+        rdzv_configs=rdzv_configs,
         max_restarts=int(launcher["max_restarts"]),
         monitor_interval=float(launcher["monitor_interval_s"]),
         start_method="spawn",
+        local_addr=launcher.get("local_addr"),  # the address other nodes reach this agent's workers at
         # Local rank 0 keeps the console (and its progress bar); the others write only to files.
         logs_specs=DefaultLogsSpecs(
             log_dir=str(run_dir / "elastic"), redirects={r: Std.ALL for r in range(1, nproc)}
@@ -81,8 +87,14 @@ def launch(cfg: DictConfig) -> None:
     if group_size is not None and min_nodes == max_nodes and world % group_size:
         raise ConfigError(f"syncbn.group_size={group_size} does not divide the world size {world}")
 
+    host = str(launcher["rdzv_endpoint"]).rpartition(":")[0]
+    if max_nodes > 1 and host in ("localhost", "127.0.0.1", "::1"):
+        print(
+            f"warning: launcher.rdzv_endpoint={launcher['rdzv_endpoint']} with {max_nodes} nodes only works "
+            "when all agents run on this machine; on a cluster give the head node's address",
+            file=sys.stderr,
+        )
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    save_config(resolved, run_dir)
     try:
         elastic_launch(_launch_config(resolved, run_dir), run_worker)(resolved, str(run_dir))
     except ChildFailedError as e:

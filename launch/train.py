@@ -41,10 +41,25 @@ def _save_checkpoint(ctx: Context, state: dict[str, Any]) -> None:
 
 
 def _load_checkpoint(ctx: Context) -> dict[str, Any] | None:
-    path = ctx.run_dir / "checkpoints" / "last.pt"
-    if not path.exists():
+    """The checkpoint to resume from, identical on every rank (rank 0 reads it and broadcasts it).
+
+    Resumes after an elastic restart (TORCHELASTIC_RESTART_COUNT > 0) or with train.resume=true, so a
+    reused run directory never resumes an unrelated job by accident.
+    """
+    if not (ctx.restart_count > 0 or ctx.cfg["train"]["resume"]):
         return None
-    return torch.load(path, map_location=ctx.device, weights_only=True)
+    box: list = [None]
+    if ctx.is_main:
+        path = ctx.run_dir / "checkpoints" / "last.pt"
+        box[0] = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    dist.broadcast_object_list(box, src=0)  # one decision for all ranks, whatever each node's disk shows
+    state = box[0]
+    if state is not None and state["world_size"] != ctx.world_size:
+        raise RuntimeError(
+            f"checkpoint was written by {state['world_size']} ranks but this job has {ctx.world_size}; "
+            "its per-rank sampler position cannot be mapped (start a new run, or use the same world size)"
+        )
+    return state
 
 
 @torch.no_grad()
@@ -56,9 +71,9 @@ def evaluate(ctx: Context, model: torch.nn.Module, dataset) -> tuple[float, floa
     for x, y in DataLoader(shard, batch_size=256):
         x, y = x.to(ctx.device), y.to(ctx.device)
         logits = model(x)
-        sums += torch.stack(
-            [F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(), torch.tensor(len(y))]
-        ).to(sums)
+        sums[0] += F.cross_entropy(logits, y, reduction="sum")
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
     dist.all_reduce(sums)
     model.train()
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
@@ -113,6 +128,7 @@ def train(ctx: Context) -> None:
                     "batch_in_epoch": batch_in_epoch,
                     "seconds": elapsed + time.perf_counter() - start,
                     "epoch_sums": [t.cpu() for t in gathered],
+                    "world_size": ctx.world_size,
                     "rng_cpu": torch.get_rng_state(),
                 },
             )
@@ -177,10 +193,13 @@ def _progress(ctx: Context, total: int, done: int):
 def _finish(ctx: Context, steps: int, seconds: float) -> None:
     cfg = ctx.cfg
     rows = report.read_metrics(ctx.run_dir)
+    if not rows:
+        ctx.log.info("no epoch finished (train.epochs=%s): nothing to summarize", cfg["train"]["epochs"])
+        return
     summary = {
-        "final_accuracy": rows[-1]["test_accuracy"] if rows else None,
-        "best_accuracy": max((r["test_accuracy"] for r in rows), default=None),
-        "final_loss": rows[-1]["test_loss"] if rows else None,
+        "final_accuracy": rows[-1]["test_accuracy"],
+        "best_accuracy": max(r["test_accuracy"] for r in rows),
+        "final_loss": rows[-1]["test_loss"],
         "world_size": ctx.world_size,
         "norm": cfg["norm"]["name"],
         "group_size": cfg["syncbn"]["group_size"],

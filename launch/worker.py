@@ -115,6 +115,8 @@ def sync_group(ctx: Context):
 def run_worker(cfg: dict[str, Any], run_dir: str) -> None:
     """Elastic entry point (a picklable function): run the configured task on this rank."""
     ctx = setup(cfg, Path(run_dir))
+    if ctx.is_main:
+        save_config(cfg, ctx.run_dir)  # one snapshot per job, however many nodes share the run dir
     try:
         name = cfg["task"]["name"]
         if name == "train":
@@ -148,10 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg, torch.cuda.is_available())
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    group_size, world_size = cfg["syncbn"]["group_size"], int(os.environ["WORLD_SIZE"])
+    if group_size is not None and world_size % group_size:
+        sys.exit(f"error: syncbn.group_size={group_size} does not divide the world size {world_size}")
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     run_dir = Path(cfg["run_dir"] or Path("outputs") / "torchrun" / run_id)
-    if int(os.environ["RANK"]) == 0:
-        save_config(cfg, run_dir)  # one snapshot per job, from rank 0 only
     run_worker(cfg, str(run_dir))
 
 

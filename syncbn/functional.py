@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import comms
 
@@ -51,10 +52,12 @@ def _local_moments(x: Tensor, num_features: int) -> Tensor:
     if n == 0:  # an empty rank still joins the all-reduce, with zeros
         return torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
     if x.is_cuda:
-        # The native Welford kernel: stable local moments. eps=0 makes var = invstd^-2 exactly (inf -> 0).
+        # The native Welford kernel: stable local moments. With eps=0, var = invstd^-2, except that the
+        # kernel reports invstd=0 (not inf) for a constant channel, whose variance is 0.
         mean, invstd = torch.batch_norm_stats(x, 0.0)
         moments = torch.stack([mean, invstd]).double()  # (2, C)
-        moments[1].pow_(-2).add_(moments[0] * moments[0])  # E[x^2] = var + mean^2
+        inv = moments[1]
+        moments[1] = torch.where(inv > 0, inv.pow(-2), torch.zeros_like(inv)) + moments[0] * moments[0]
         return torch.cat([moments.view(-1) * n, moments.new_full((1,), n)])
     # Sums about a per-channel shift (this rank's first value): x - shift is O(std), so float32 sums keep
     # their digits even when |mean| >> std, where E[x^2] - E[x]^2 in float32 loses all of them.
@@ -147,6 +150,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no double backward: say so clearly instead of failing deep inside autograd
     def backward(ctx, grad_output: Tensor):
         input, weight, mean, var = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -158,9 +162,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
             sum_dy = torch.zeros_like(mean)
             sum_dy_xmu = torch.zeros_like(mean)
         elif input.is_cuda:
+            # The kernels read weight in the statistics dtype; they may return defined weight/bias grads
+            # even when not asked (channels_last template), so mask them below.
+            w = weight if weight is None or weight.dtype == mean.dtype else weight.to(mean.dtype)
             sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
-                grad_output, input, mean, invstd, weight, need_input, need_weight, need_bias
+                grad_output, input, mean, invstd, w, True, need_weight, need_bias
             )
+            grad_weight = grad_weight if need_weight else None
+            grad_bias = grad_bias if need_bias else None
         else:
             # Train-mode native backward with invstd=1 returns exactly sum(dy*(x-mean)) and sum(dy) in one
             # fused pass over the activation (it subtracts the mean before multiplying: no cancellation).
@@ -181,10 +190,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grad_weight = sum_dy_xmu * invstd if need_weight else None  # local: DDP averages it
             grad_bias = sum_dy if need_bias else None
 
+        # Collective 1 of 1 in backward: the two per-channel sums the input gradient needs. Every rank
+        # that runs backward joins, even one whose input needs no gradient (torch skips it there): a
+        # rank-local decision could leave the other ranks waiting in this all-reduce forever.
+        packed = torch.cat([sum_dy, sum_dy_xmu]).double()
+        comms.all_reduce_sum(packed, ctx.process_group)
         if need_input:
-            # Collective 1 of 1 in backward: the two per-channel sums the input gradient needs.
-            packed = torch.cat([sum_dy, sum_dy_xmu]).double()
-            comms.all_reduce_sum(packed, ctx.process_group)
             means = (packed.view(2, -1) / ctx.count).to(mean.dtype)  # mean dy, mean dy*(x - mean)
             grad_input = _input_grad(grad_output, input, weight, mean, var, invstd, means, ctx.count, ctx.eps)
 

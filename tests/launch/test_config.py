@@ -16,7 +16,7 @@ GROUPS = {
 
 
 def test_every_group_has_its_documented_options():
-    assert {"train", "check"} <= set(GROUPS["task"])
+    assert {"train", "check", "bench"} <= set(GROUPS["task"])
     assert {"local", "multinode"} <= set(GROUPS["launcher"])
     assert {"digits", "synthetic"} <= set(GROUPS["data"])
     assert {"syncbn", "bn"} <= set(GROUPS["norm"])
@@ -44,7 +44,7 @@ def test_every_config_composes_resolves_and_validates(overrides):
         assert key in cfg["launcher"], key
     for key in ("epochs", "batch_size", "lr"):
         assert key in cfg["train"], key
-    assert cfg["task"]["name"] in ("train", "check")
+    assert cfg["task"]["name"] in ("train", "check", "bench")
     assert cfg["model"]["in_channels"] == cfg["data"]["in_channels"]
     assert "hydra" not in cfg
 
