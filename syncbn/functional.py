@@ -220,7 +220,8 @@ def _input_grad(dy, x, weight, mean, var, invstd, means, count, eps) -> Tensor:
     # dx = a*dy + b*(x - mean) + c, per channel. The b and c part is one eval-mode batch_norm pass
     # (weight b/invstd, bias c), then a*dy is added in place: two passes, no extra activation-sized temp.
     dx = torch.batch_norm(x, -a * invstd * means[1], -a * means[0], mean, var, False, 0.0, eps, False)
-    return dx.addcmul_(dy, _channel_view(a, x.dim()))
+    # Same-dtype addcmul: a float32 factor on a half tensor takes a slow, unvectorized mixed-type path.
+    return dx.addcmul_(dy, _channel_view(a.to(dx.dtype), x.dim()))
 
 
 def sync_batch_norm(
