@@ -8,6 +8,7 @@ python -m launch.run launcher=multinode launcher.nnodes=2 launcher.rdzv_endpoint
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, conf_dir, parse_nnodes, validate
+from .loopback import is_loopback, loopback_only
 
 # Set by torchrun / the elastic agent in every worker it starts.
 _ELASTIC_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK")
@@ -95,8 +97,10 @@ def launch(cfg: DictConfig) -> None:
             file=sys.stderr,
         )
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    local = max_nodes == 1 and is_loopback(host) and is_loopback(launcher.get("local_addr"))
     try:
-        elastic_launch(_launch_config(resolved, run_dir), run_worker)(resolved, str(run_dir))
+        with loopback_only() if local else contextlib.nullcontext():
+            elastic_launch(_launch_config(resolved, run_dir), run_worker)(resolved, str(run_dir))
     except ChildFailedError as e:
         _report_failure(e, run_dir)
         raise SystemExit(1) from None

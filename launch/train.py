@@ -7,7 +7,10 @@ epoch end), summary.json and curves.png; a restarted group resumes from the chec
 from __future__ import annotations
 
 import io
+import logging
 import math
+import os
+import signal
 import time
 from typing import Any
 
@@ -98,6 +101,7 @@ def train(ctx: Context) -> None:
     )
 
     step, epoch, skip, elapsed = 0, 0, 0, 0.0
+    resumed_from: list[int] = []  # the steps this run resumed at, after each restart
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # this epoch: loss, correct, count
     state = _load_checkpoint(ctx)
     if state is not None:
@@ -111,6 +115,7 @@ def train(ctx: Context) -> None:
             else sums
         )
         torch.set_rng_state(state["rng_cpu"])
+        resumed_from = [*state.get("resumed_from", []), step]
         ctx.log.info("resumed from checkpoint at step %d (epoch %d, batch %d)", step, epoch, skip)
 
     def checkpoint(batch_in_epoch: int) -> None:
@@ -129,6 +134,7 @@ def train(ctx: Context) -> None:
                     "seconds": elapsed + time.perf_counter() - start,
                     "epoch_sums": [t.cpu() for t in gathered],
                     "world_size": ctx.world_size,
+                    "resumed_from": resumed_from,
                     "rng_cpu": torch.get_rng_state(),
                 },
             )
@@ -140,6 +146,7 @@ def train(ctx: Context) -> None:
             if i < skip:
                 continue  # already trained before the restart
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            _inject_fault(ctx, model, step + 1)
             logits = ddp(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -180,7 +187,28 @@ def train(ctx: Context) -> None:
         checkpoint(0)
     progress.close()
     if ctx.is_main:
-        _finish(ctx, step, elapsed + time.perf_counter() - start)
+        _finish(ctx, step, elapsed + time.perf_counter() - start, resumed_from)
+
+
+def _inject_fault(ctx: Context, model: torch.nn.Module, step: int) -> None:
+    """Recovery drills (config `fault`): break one rank on purpose during the first attempt.
+
+    kill: SIGKILL this worker at the step (the elastic agent must restart the group, which resumes);
+    eval: switch this rank to eval mode from the step on (its SyncBN layers stop syncing; the others
+    must fail within launcher.timeout_s instead of hanging).
+    """
+    fault = ctx.cfg["fault"]
+    if not fault["kind"] or ctx.rank != fault["rank"] or step != fault["step"] or ctx.restart_count > 0:
+        return
+    ctx.log.warning("fault injection: %s on rank %d at step %d", fault["kind"], ctx.rank, step)
+    if fault["kind"] == "kill":
+        for handler in logging.getLogger("syncbn.launch").handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault["kind"] == "eval":
+        model.eval()
+    else:
+        raise ValueError(f"unknown fault.kind {fault['kind']!r} (kill | eval)")
 
 
 def _progress(ctx: Context, total: int, done: int):
@@ -190,7 +218,7 @@ def _progress(ctx: Context, total: int, done: int):
     return tqdm(total=total, initial=done, disable=None if ctx.is_main else True, unit="step", leave=False)
 
 
-def _finish(ctx: Context, steps: int, seconds: float) -> None:
+def _finish(ctx: Context, steps: int, seconds: float, resumed_from: list[int]) -> None:
     cfg = ctx.cfg
     rows = report.read_metrics(ctx.run_dir)
     if not rows:
@@ -209,6 +237,7 @@ def _finish(ctx: Context, steps: int, seconds: float) -> None:
         "steps": steps,
         "seconds": round(seconds, 3),
         "restarts": ctx.restart_count,
+        "resumed_from_steps": resumed_from,
         "device": str(ctx.device.type),
         "backend": ctx.backend,
     }

@@ -58,6 +58,25 @@ def _logger(run_dir: Path, rank: int) -> logging.Logger:
     return logging.LoggerAdapter(log, {"rank": rank})  # type: ignore[return-value]
 
 
+def _store(world_size: int, restart_count: int, timeout: datetime.timedelta):
+    """The rendezvous store for init_process_group, with its keys scoped to this restart attempt.
+
+    The elastic agent keeps one store for the workers across restarts (TORCHELASTIC_USE_AGENT_STORE), but
+    env:// does not prefix keys by attempt: restarted workers could read the previous attempt's gloo
+    addresses and fail with "connection refused". None (plain env://) when no agent store is shared.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"syncbn/attempt_{restart_count}", client)
+
+
 def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
     """Read the launcher's environment, pick the device, init the process group with a timeout."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -72,11 +91,14 @@ def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
     else:
         device = torch.device("cpu")
     backend = backend_for(cfg)
+    timeout = datetime.timedelta(seconds=float(cfg["launcher"]["timeout_s"]))
+    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     dist.init_process_group(
         backend,
-        timeout=datetime.timedelta(seconds=float(cfg["launcher"]["timeout_s"])),
+        store=_store(world_size, restart_count, timeout),
         rank=rank,
         world_size=world_size,
+        timeout=timeout,
     )
     ctx = Context(
         cfg=cfg,
@@ -86,7 +108,7 @@ def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
         world_size=world_size,
         device=device,
         backend=backend,
-        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        restart_count=restart_count,
         log=log,
     )
     log.info(

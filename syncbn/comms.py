@@ -32,9 +32,45 @@ def rank(process_group: ProcessGroup = None) -> int:
     return dist.get_rank(process_group)
 
 
+_PRIVATE_GROUPS: dict = {}
+
+
+def private_group(process_group: ProcessGroup = None) -> ProcessGroup:
+    """The group SyncBN's collectives run on: for gloo, a private copy of ``process_group``.
+
+    Same ranks, same timeout. Why a copy: when one rank stops running the layers (say it is in eval mode
+    while the others train), its next collective elsewhere (DDP's gradient all-reduce) would be paired by
+    gloo with our stats all-reduce, and gloo aborts the process on the size mismatch. On separate groups
+    the ranks wait on different collectives and fail at the timeout with an error that says why. Created
+    on a layer's first synced call, which every member reaches together; NCCL groups are used as given.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    if dist.get_backend(group) != "gloo":
+        return process_group
+    private = _PRIVATE_GROUPS.get(group)
+    if private is None:
+        timeout = group._get_backend(torch.device("cpu")).options._timeout
+        ranks = dist.get_process_group_ranks(group)
+        private = dist.new_group(ranks, timeout=timeout, backend="gloo", use_local_synchronization=True)
+        _PRIVATE_GROUPS[group] = private
+    return private
+
+
 def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup = None) -> torch.Tensor:
-    """Sum ``tensor`` in place over the group (synchronously) and return it."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+    """Sum ``tensor`` in place over the group (synchronously) and return it.
+
+    A failure here (the process group's timeout, a peer that died or sent something else) almost always
+    means the ranks stopped calling this layer in step; the error says so instead of only "timed out".
+    """
+    try:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+    except RuntimeError as e:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
+        raise RuntimeError(
+            f"SyncBatchNorm: all-reduce of {tensor.numel()} statistics failed on rank {rank(process_group)} "
+            f"of {world_size(process_group)}. Likely cause: another rank did not run this layer in training "
+            "mode at the same step (it skipped the layer, was in eval mode, took another code path) or died. "
+            f"Every rank must call each SyncBatchNorm layer equally often. Original error: {e}"
+        ) from e
     return tensor
 
 

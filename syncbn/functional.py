@@ -246,8 +246,9 @@ def sync_batch_norm(
     known = next((t.numel() for t in (weight, running_mean) if t is not None), None)
     error = input_error(input, known)
     num_features = known if known is not None else (input.shape[1] if error is None else -1)
-    comms.check_num_features(num_features, input.device, process_group, error)
-    return _apply(input, weight, bias, running_mean, running_var, eps, momentum, num_features, process_group)
+    group = comms.private_group(process_group)
+    comms.check_num_features(num_features, input.device, group, error)
+    return _apply(input, weight, bias, running_mean, running_var, eps, momentum, num_features, group)
 
 
 def _apply(

@@ -74,11 +74,12 @@ class SyncBatchNorm(_BatchNorm):
                 input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps
             )
 
+        group = comms.private_group(self.process_group)
         if not getattr(self, "_channels_checked", False):
             # First synced call: a fixed-size check that every rank's layer has the same C, because the
             # stats vector (2C+1) of mismatched ranks would abort gloo. Never repeated for this layer.
             comms.check_num_features(
-                self.num_features, input.device, self.process_group, input_error(input, self.num_features)
+                self.num_features, input.device, group, input_error(input, self.num_features)
             )
             self._channels_checked = True
         return _apply(
@@ -90,7 +91,7 @@ class SyncBatchNorm(_BatchNorm):
             self.eps,
             factor,
             self.num_features,
-            self.process_group,
+            group,
         )
 
     @classmethod
