@@ -1,0 +1,93 @@
+"""CUDA path (tier 1 on one GPU): the native-kernel branches of the sync function against torch BatchNorm.
+
+Runs the sync function itself on a one-rank gloo group holding CUDA tensors, so every CUDA branch
+(batch_norm_stats, batch_norm_elemt, backward_reduce/elemt) is exercised. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from syncbn.functional import _apply
+
+from .reference import rel_err
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp_path / 'init'}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    yield
+    dist.destroy_process_group()
+
+
+CASES = [
+    dict(shape=(8, 4, 5, 5)),
+    dict(shape=(8, 4, 5, 5), channels_last=True),
+    dict(shape=(16, 4)),  # (N, C): the kernels take their channels-last template
+    dict(shape=(6, 3, 7), affine=False),
+    dict(shape=(6, 3, 2, 2), channels_last=True, affine=False),
+    dict(shape=(6, 3, 2, 2), bias=False),
+    dict(shape=(4, 3, 2, 2, 2)),
+    dict(shape=(8, 4, 5, 5), dtype=torch.float16, param_dtype=torch.float16),  # model.half()
+    dict(shape=(8, 4, 5, 5), dtype=torch.bfloat16),  # autocast-style: half input, float32 params
+    dict(shape=(8, 4, 5, 5), dtype=torch.float64, param_dtype=torch.float32),
+    dict(shape=(2, 3), constant=True),  # a constant channel: variance exactly 0
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_cuda_sync_function_matches_batchnorm(world_of_one, case):
+    dev = torch.device("cuda")
+    dtype = case.get("dtype", torch.float32)
+    pdt = case.get("param_dtype", torch.float32 if dtype != torch.float64 else torch.float64)
+    c = case["shape"][1]
+    torch.manual_seed(0)
+    x = torch.randn(case["shape"], dtype=torch.float64) * 2 + 1
+    if case.get("constant"):
+        x[:, 1] = 3.0
+    x = x.to(dev, dtype)
+    if case.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    x.requires_grad_(True)
+    affine = case.get("affine", True)
+    w = torch.randn(c, device=dev, dtype=pdt, requires_grad=True) if affine else None
+    b = (
+        torch.randn(c, device=dev, dtype=pdt, requires_grad=True)
+        if affine and case.get("bias", True)
+        else None
+    )
+    rm, rv = torch.zeros(c, device=dev, dtype=pdt), torch.ones(c, device=dev, dtype=pdt)
+    y = _apply(x, w, b, rm, rv, 1e-5, 0.1, c, None)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    xr = x.detach().double().requires_grad_(True)
+    wr = w.detach().double().requires_grad_(True) if w is not None else None
+    br = b.detach().double().requires_grad_(True) if b is not None else None
+    rmr, rvr = torch.zeros(c, device=dev, dtype=torch.float64), torch.ones(c, device=dev, dtype=torch.float64)
+    yr = F.batch_norm(xr, rmr, rvr, wr, br, True, 0.1, 1e-5)
+    yr.backward(dy.double())
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    assert y.dtype == dtype and torch.isfinite(rv).all()
+    assert rel_err(y, yr) < tol * 10
+    assert rel_err(x.grad, xr.grad) < tol * 40
+    assert rel_err(rm, rmr) < tol and rel_err(rv, rvr) < tol
+    if w is not None:
+        assert w.grad.dtype == pdt and rel_err(w.grad, wr.grad) < tol * 40
+    if b is not None:
+        assert b.grad.dtype == pdt and rel_err(b.grad, br.grad) < tol * 40
+    elif affine:
+        assert b is None  # bias=False: no gradient may come back for it
