@@ -189,7 +189,7 @@ def bench(ctx: Context) -> None:
                         row["floor_ratio"],
                         row["naive_speedup"],
                     )
-        dist.barrier()  # ranks outside this world size wait here
+        dist.barrier()  # ranks outside this world size wait here (make bench raises launcher.timeout_s)
     if ctx.is_main:
         _write(ctx, rows, skipped)
 

@@ -42,11 +42,14 @@ def private_group(process_group: ProcessGroup = None) -> ProcessGroup:
     while the others train), its next collective elsewhere (DDP's gradient all-reduce) would be paired by
     gloo with our stats all-reduce, and gloo aborts the process on the size mismatch. On separate groups
     the ranks wait on different collectives and fail at the timeout with an error that says why. Created
-    on a layer's first synced call, which every member reaches together; NCCL groups are used as given.
+    on a layer's first synced call; NCCL groups and subgroups are used as given.
     """
-    group = process_group if process_group is not None else dist.group.WORLD
-    if dist.get_backend(group) != "gloo":
+    # Only the world group gets a copy: its first synced call is reached by every rank together. A
+    # subgroup's copy would need its members to meet while the other ranks do something else, which
+    # torch 2.13's locally synchronized new_group does not survive reliably (it can hang).
+    if process_group not in (None, dist.group.WORLD) or dist.get_backend(process_group) != "gloo":
         return process_group
+    group = dist.group.WORLD
     private = _PRIVATE_GROUPS.get(group)
     if private is None:
         timeout = group._get_backend(torch.device("cpu")).options._timeout

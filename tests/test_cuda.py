@@ -6,11 +6,8 @@ Runs the sync function itself on a one-rank gloo group holding CUDA tensors, so 
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from syncbn.functional import _apply
@@ -18,19 +15,6 @@ from syncbn.functional import _apply
 from .reference import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-@pytest.fixture
-def world_of_one(tmp_path):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp_path / 'init'}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    yield
-    dist.destroy_process_group()
 
 
 CASES = [

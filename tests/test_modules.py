@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import datetime
 import inspect
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -122,20 +120,6 @@ def test_autocast_not_distributed():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
-
-
-@pytest.fixture
-def world_of_one(tmp_path):
-    """A real one-rank gloo group, so the sync function itself runs in this process."""
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp_path / 'init'}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    yield
-    dist.destroy_process_group()
 
 
 def _sync(x, w, b, rm=None, rv=None, momentum=0.1, eps=1e-5):

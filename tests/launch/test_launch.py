@@ -184,3 +184,31 @@ def test_experiment_multirun_sweeps_norm(tmp_path):
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
     assert sorted(s["norm"] for s in summaries) == ["bn", "syncbn"]
     assert all(s["batch_size"] == 1 for s in summaries)
+
+
+def test_bench_smoke_writes_its_outputs(tmp_path):
+    """Crash test only: timing figures are never asserted in the test suite."""
+    proc = run(
+        [
+            "-m",
+            "launch.run",
+            "task=bench",
+            "bench.shapes=[[4,8,4,4],[16,8]]",
+            "bench.dtypes=[float32,bfloat16]",
+            "bench.world_sizes=[1,2,4]",
+            "bench.rounds=2",
+            "bench.warmup=1",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert rows["world_sizes_skipped"] == [4]
+    # 2 shapes (one also channels_last) x 2 dtypes x world sizes 1 and 2
+    assert len(rows["rows"]) == 12
+    header = (tmp_path / "bench.csv").read_text().splitlines()[0].split(",")
+    assert {"syncbn", "local", "comm", "naive", "floor_ratio", "naive_speedup", "saved_MB_syncbn"} <= set(
+        header
+    )
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "floor_ratio" in proc.stdout
