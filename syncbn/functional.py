@@ -196,8 +196,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         packed = torch.cat([sum_dy, sum_dy_xmu]).double()
         comms.all_reduce_sum(packed, ctx.process_group)
         if need_input:
-            means = (packed.view(2, -1) / ctx.count).to(mean.dtype)  # mean dy, mean dy*(x - mean)
-            grad_input = _input_grad(grad_output, input, weight, mean, var, invstd, means, ctx.count, ctx.eps)
+            sums = packed.view(2, -1).to(mean.dtype)  # global sum dy, sum dy*(x - mean)
+            grad_input = _input_grad(grad_output, input, weight, mean, var, invstd, sums, ctx.count, ctx.eps)
 
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
@@ -206,20 +206,21 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def _input_grad(dy, x, weight, mean, var, invstd, means, count, eps) -> Tensor:
-    """dx = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight."""
+def _input_grad(dy, x, weight, mean, var, invstd, sums, count, eps) -> Tensor:
+    """dx = (dy - sum_dy/N - (x - mean) * invstd^2 * sum_dy_xmu/N) * invstd * weight."""
     if x.numel() == 0:
         return torch.zeros_like(x)
+    w = weight if weight is None or weight.dtype == mean.dtype else weight.to(mean.dtype)
     if x.is_cuda:
-        # The native kernel takes sums and divides by the total of the per-rank counts it is given.
+        # The native kernel takes the global sums and divides by the total of the per-rank counts it is
+        # given (int32); it reads weight in the statistics dtype. torch.full fills on the device: no sync.
         counts = torch.full((1,), count, dtype=torch.int32, device=x.device)
-        return torch.batch_norm_backward_elemt(
-            dy, x, mean, invstd, weight, means[0] * count, means[1] * count, counts
-        )
-    a = invstd if weight is None else invstd * weight.to(mean.dtype)
+        return torch.batch_norm_backward_elemt(dy, x, mean, invstd, w, sums[0], sums[1], counts)
+    a = invstd if w is None else invstd * w
+    mean_dy, mean_dy_xmu = sums / count
     # dx = a*dy + b*(x - mean) + c, per channel. The b and c part is one eval-mode batch_norm pass
     # (weight b/invstd, bias c), then a*dy is added in place: two passes, no extra activation-sized temp.
-    dx = torch.batch_norm(x, -a * invstd * means[1], -a * means[0], mean, var, False, 0.0, eps, False)
+    dx = torch.batch_norm(x, -a * invstd * mean_dy_xmu, -a * mean_dy, mean, var, False, 0.0, eps, False)
     # Same-dtype addcmul: a float32 factor on a half tensor takes a slow, unvectorized mixed-type path.
     return dx.addcmul_(dy, _channel_view(a.to(dx.dtype), x.dim()))
 
@@ -243,7 +244,7 @@ def sync_batch_norm(
     """
     if not training or comms.world_size(process_group) == 1:
         return _local_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    known = next((t.numel() for t in (weight, running_mean) if t is not None), None)
+    known = _known_channels(weight, running_mean)
     error = input_error(input, known)
     num_features = known if known is not None else (input.shape[1] if error is None else -1)
     group = comms.private_group(process_group)
@@ -262,9 +263,13 @@ def _apply(
     return SyncBatchNormFunction.apply(*args)
 
 
+def _known_channels(weight: Tensor | None, running_mean: Tensor | None) -> int | None:
+    """The channel count the caller's parameters or buffers imply, if any."""
+    return next((t.numel() for t in (weight, running_mean) if t is not None), None)
+
+
 def _local_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
-    known = next((t.numel() for t in (weight, running_mean) if t is not None), None)
-    error = input_error(input, known)
+    error = input_error(input, _known_channels(weight, running_mean))
     if error is not None:
         raise ValueError(f"SyncBatchNorm: {error}")
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
