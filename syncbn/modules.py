@@ -69,7 +69,8 @@ class SyncBatchNorm(_BatchNorm):
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
 
-        if not (bn_training and self.training and comms.world_size(self.process_group) > 1):
+        # Sync only in training (which always uses batch stats) with more than one rank in the group.
+        if not self.training or comms.world_size(self.process_group) == 1:
             return _local_batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps
             )
