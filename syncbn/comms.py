@@ -6,7 +6,7 @@ same layer code runs in a notebook, under gloo on a laptop and under NCCL on a c
 
 from __future__ import annotations
 
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -114,3 +114,23 @@ def check_num_features(
             f"SyncBatchNorm: ranks disagree on the number of channels ({per_rank}); every rank must build "
             "the same model so each layer syncs the same channels"
         )
+
+
+def resolve_group(process_group: Any) -> ProcessGroup:
+    """The ProcessGroup a layer syncs over: ``process_group`` itself, or the group of a 1-D ``DeviceMesh``.
+
+    FSDP2/torchtitan code holds its groups as meshes (``mesh["dp"]``); a mesh of more dims is ambiguous.
+    """
+    if not dist.is_available():
+        return process_group
+    from torch.distributed.device_mesh import DeviceMesh  # lazy: only needed when a mesh may be passed
+
+    if not isinstance(process_group, DeviceMesh):
+        return process_group
+    if process_group.ndim != 1:
+        raise ValueError(
+            f"SyncBatchNorm: process_group must be a 1-D DeviceMesh (e.g. mesh['dp']), got a "
+            f"{process_group.ndim}-D mesh of shape {tuple(process_group.shape)} with dims "
+            f"{process_group.mesh_dim_names}"
+        )
+    return process_group.get_group()

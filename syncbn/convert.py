@@ -1,7 +1,9 @@
 """convert_sync_batchnorm / revert_sync_batchnorm: swap BatchNorm layers in a model, both ways.
 
 Conversion shares parameters and buffers (no copies), so optimizers and checkpoints keep working; revert
-restores the original BatchNorm class so a trained model serves single-process inference.
+restores the original class so a trained model serves single-process inference. Plain torch BatchNorm
+layers become :class:`SyncBatchNorm`; BatchNorm *subclasses* keep their own code (see
+:mod:`syncbn.subclass`) or, when that cannot be exact, conversion refuses before changing anything.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
+from . import comms, subclass
 from .modules import SyncBatchNorm
 
 
@@ -38,21 +41,44 @@ def _move_state(src: _BatchNorm, dst: _BatchNorm) -> _BatchNorm:
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d (and ``torch.nn.SyncBatchNorm``) in ``module`` with SyncBatchNorm.
+    """Make every BatchNorm in ``module`` synchronize its statistics across ``process_group``.
 
-    Children are replaced in place; the (possibly new) root is returned, so write
-    ``model = convert_sync_batchnorm(model)``. Layers that already are ours get ``process_group`` set.
+    ``BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` become :class:`SyncBatchNorm`. A subclass of them
+    becomes a synced layer of its own class that keeps its forward, children and attributes; one that cannot
+    be synced exactly raises ``ValueError`` naming it, before any layer is replaced. Children are replaced in
+    place; the (possibly new) root is returned, so write ``model = convert_sync_batchnorm(model)``. Layers
+    that already are ours get ``process_group`` set. ``process_group`` may be a ProcessGroup or a 1-D
+    ``DeviceMesh`` (e.g. ``mesh["dp"]``).
     """
+    process_group = comms.resolve_group(process_group)
+    for path, child in module.named_modules():
+        _check(child, path)
+    return _convert(module, process_group)
+
+
+def _is_plain(module: nn.Module) -> bool:
+    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNormNd)
+
+
+def _check(module: nn.Module, path: str) -> None:
+    """Raise if ``module`` cannot be converted; runs on every layer first, so a refusal changes nothing."""
+    if not isinstance(module, _BatchNorm) or isinstance(module, SyncBatchNorm):
+        return
+    if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
+        raise ValueError(
+            f"convert_sync_batchnorm: {path or '(root module)'} ({type(module).__name__}) has uninitialized "
+            "parameters; run one forward pass first so num_features is known"
+        )
+    if not _is_plain(module):
+        subclass.check(module, path)
+
+
+def _convert(module: nn.Module, process_group: Any) -> nn.Module:
     if isinstance(module, SyncBatchNorm):
         if process_group is not None:
             module.process_group = process_group
         return module
-    if isinstance(module, _BatchNorm):
-        if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
-            raise ValueError(
-                f"convert_sync_batchnorm: {type(module).__name__} has uninitialized parameters; "
-                "run one forward pass first so num_features is known"
-            )
+    if isinstance(module, _BatchNorm) and _is_plain(module):
         converted = SyncBatchNorm(
             module.num_features,
             module.eps,
@@ -65,8 +91,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
         )
         converted._original_class = type(module)
         return _move_state(module, converted)
+    if isinstance(module, _BatchNorm):
+        module = subclass.synced_copy(module, process_group)  # children of the copy convert below
     for name, child in module.named_children():
-        new = convert_sync_batchnorm(child, process_group)
+        new = _convert(child, process_group)
         if new is not child:
             module.add_module(name, new)
     return module
@@ -75,10 +103,13 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Turn every SyncBatchNorm (ours or torch's) back into plain BatchNorm, sharing parameters and buffers.
 
-    The class is the one the layer was converted from (BatchNorm1d/2d/3d) when known, else
-    :class:`BatchNormNd`, which accepts any input rank like SyncBatchNorm does.
+    The class is the one the layer was converted from (a BatchNorm subclass with its children and
+    attributes, or BatchNorm1d/2d/3d) when known, else :class:`BatchNormNd`, which accepts any input rank
+    like SyncBatchNorm does.
     """
-    if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
+    if subclass.is_synced(module):
+        module = subclass.unsynced_copy(module)  # its children revert below
+    elif isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
         cls = getattr(module, "_original_class", None)
         if (
             cls is None

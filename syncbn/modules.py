@@ -48,7 +48,7 @@ class SyncBatchNorm(_BatchNorm):
                 raise ValueError(f"bias=False needs a newer torch than {torch.__version__}")
             kwargs["bias"] = False
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
-        self.process_group = process_group
+        self.process_group = comms.resolve_group(process_group)  # a ProcessGroup or a 1-D DeviceMesh
         # Set after the first synced call confirmed that all ranks agree on num_features.
         self._channels_checked = False
 
