@@ -66,8 +66,8 @@ def _check(module: nn.Module, path: str) -> None:
         return
     if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
         raise ValueError(
-            f"convert_sync_batchnorm: {path or '(root module)'} ({type(module).__name__}) has uninitialized "
-            "parameters; run one forward pass first so num_features is known"
+            f"convert_sync_batchnorm: {repr(path) if path else 'the root module'} ({type(module).__name__}) "
+            "has uninitialized parameters; run one forward pass first so num_features is known"
         )
     if not _is_plain(module):
         subclass.check(module, path)
