@@ -12,6 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+TIMM_MODELS = ["efficientnet_b0", "mobilenetv3_small_100"]  # both built from BatchNormAct2d layers
+
 
 class BatchNormAct2d(nn.BatchNorm2d):
     """BatchNorm2d + dropout + activation in one layer, with its own forward (timm's BatchNormAct2d shape)."""
@@ -131,3 +133,14 @@ def standin_cnn(norm: str) -> nn.Module:
         TaggedBatchNorm1d(6),
         nn.Linear(6, 4),
     ).double()
+
+
+def timm_or_skip():
+    """timm, or skip the test: timm's torchvision may fail with more than ImportError next to a CPU torch."""
+    import pytest
+
+    try:
+        import timm
+    except Exception as e:
+        pytest.skip(f"timm does not import here ({type(e).__name__}: {e})")
+    return timm

@@ -19,12 +19,14 @@ from syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from syncbn.subclass import synced_class
 
 from .standins import (
+    TIMM_MODELS,
     AllReduceBatchNorm2d,
     BatchNormAct2d,
     HandStatsBatchNorm2d,
     ScaledBatchNorm2d,
     TaggedBatchNorm1d,
     TorchSyncAct,
+    timm_or_skip,
 )
 
 # (class, kwargs, input shape); BatchNormAct2d with real dropout, so training draws random numbers
@@ -201,3 +203,23 @@ def test_subclass_whose_forward_fails_on_every_probe_is_refused():
 def test_lazy_batchnorm_refusal_names_the_path():
     with pytest.raises(ValueError, match=r"'1' .*uninitialized"):
         convert_sync_batchnorm(nn.Sequential(nn.Identity(), nn.LazyBatchNorm2d()))
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_model_converts_exactly_and_reverts(name):
+    timm = timm_or_skip()
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=4).double()
+    model(torch.randn(4, 3, 64, 64, dtype=torch.float64))  # training step: running stats not the defaults
+    model.eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    want = model(x)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    converted = convert_sync_batchnorm(model)
+    synced = [type(m).__name__ for m in converted.modules() if isinstance(m, SyncBatchNorm)]
+    assert "SyncBatchNormAct2d" in synced
+    assert len(synced) == sum(issubclass(c, nn.modules.batchnorm._BatchNorm) for c in classes.values())
+    assert torch.equal(converted(x), want)
+    reverted = revert_sync_batchnorm(converted)
+    assert {n: type(m) for n, m in reverted.named_modules()} == classes
+    assert torch.equal(reverted(x), want)
