@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned, so pip takes the CPU wheel instead of resolving a multi-GB CUDA build
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[launch,test,dev]"
+	$(PIP) install -q -c constraints.txt -e ".[launch,lightning,test,dev]"
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install syncbn with launch, test and dev extras (idempotent)
+install: $(STAMP)  ## create .venv and install syncbn with launch, lightning, test and dev extras (idempotent)
 
 test: $(STAMP)  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest $(ARGS)
