@@ -114,7 +114,7 @@ def _factory(kwargs: dict) -> dict:
 
 
 def standin_cnn(norm: str) -> nn.Module:
-    """A small float64 CNN whose two norms are the named stand-in (one with momentum=None)."""
+    """A small float64 CNN whose three 2-d norms are the named stand-in, then a TaggedBatchNorm1d."""
     make = {
         "bnact": lambda c, **kw: BatchNormAct2d(c, **kw),
         "scaled": lambda c, **kw: ScaledBatchNorm2d(c, **kw),
@@ -127,6 +127,7 @@ def standin_cnn(norm: str) -> nn.Module:
         make(8),
         nn.Conv2d(8, 8, 3, padding=1, stride=2),
         make(8, momentum=None),
+        make(8, affine=False, track_running_stats=False),  # no parameters or buffers of its own
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(8, 6),

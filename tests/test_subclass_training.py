@@ -115,7 +115,7 @@ def test_standin_subclasses_train_like_one_process_on_the_whole_batch(tmp_path, 
     _check_training(outcome, model_name)
     synced = values(outcome)[0]["synced"]
     expected = {"bnact": "SyncBatchNormAct2d", "scaled": "SyncScaledBatchNorm2d"}[model_name]
-    assert synced == [expected, expected, "SyncTaggedBatchNorm1d"]
+    assert synced == [expected, expected, expected, "SyncTaggedBatchNorm1d"]
 
 
 def test_forward_that_stops_calling_batch_norm_fails_on_every_rank(tmp_path):
