@@ -13,6 +13,9 @@ with this layer's own parameters or buffers to syncbn's synchronized batch norm;
 through. ``super().forward()`` inside the subclass reaches ``_BatchNorm.forward`` (``_SubclassSync`` puts it
 back above SyncBatchNorm's), which ends in that same call. Eval mode and world size 1 run the original
 forward as is. Instances pickle, deep-copy and ``torch.save`` through a module-level registry.
+Why this design: a converter that rebuilds known classes (copying ``act`` and ``drop``) only handles the
+classes it lists; keeping the instance's own class keeps whatever any subclass defines, and intercepting the
+one call only inside this layer's forward (never globally) leaves its other arithmetic bit for bit as it was.
 
 Exact or refused. Routing one call is exact only if the layer computes its batch statistics in that call.
 So at conversion a deep copy of each subclass layer runs one training forward on a tiny input (batch 2,
@@ -119,7 +122,8 @@ def _synced_forward(self, *args, **kwargs):
     with _BatchNormRoute(self, sync=True) as route:
         output = base_forward(self, *args, **kwargs)
     if route.calls != 1:
-        # Consistent on every rank (same code, same decision), so no rank is left waiting.
+        # Every rank that took this path raises here. A rank whose input took the routed path meanwhile
+        # waits in its all-reduce and fails at the process group's timeout, with the message saying why.
         raise RuntimeError(
             f"SyncBatchNorm: a converted {type(self)._syncbn_base.__qualname__} layer called "
             f"torch.nn.functional.batch_norm with its own parameters/buffers {route.calls} times in this "
