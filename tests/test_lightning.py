@@ -19,7 +19,6 @@ from torch import nn
 
 from .reference import rel_err
 
-pytestmark = pytest.mark.multiprocess
 SCRIPT = Path(__file__).with_name("lightning_fit.py")
 
 
@@ -63,6 +62,7 @@ def single_process_reference() -> nn.Module:
     return model
 
 
+@pytest.mark.multiprocess
 def test_lightning_ddp_on_cpu_syncs_batchnorm_statistics(tmp_path):
     pytest.importorskip("lightning")
     run_fit(tmp_path)
@@ -77,3 +77,10 @@ def test_lightning_ddp_on_cpu_syncs_batchnorm_statistics(tmp_path):
     stats = [k for k in want if "running" in k]
     assert len(stats) == 4
     assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in stats)
+
+
+def test_plugin_without_lightning_says_how_to_install_it(monkeypatch):
+    monkeypatch.delitem(sys.modules, "syncbn.lightning", raising=False)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch.plugins", None)  # as if Lightning were absent
+    with pytest.raises(ImportError, match=r'pip install "syncbn\[lightning\]"'):
+        import syncbn.lightning  # noqa: F401
