@@ -54,7 +54,7 @@ def test_cuda_sync_function_matches_batchnorm(world_of_one, case):
         else None
     )
     rm, rv = torch.zeros(c, device=dev, dtype=pdt), torch.ones(c, device=dev, dtype=pdt)
-    y = _apply(x, w, b, rm, rv, 1e-5, 0.1, c, None)
+    y = _apply(x, w, b, rm, rv, eps=1e-5, momentum=0.1, num_features=c, process_group=None)
     dy = torch.randn_like(y)
     y.backward(dy)
 

@@ -1,0 +1,202 @@
+"""The per-rank arithmetic of SyncBatchNorm around its two all-reduces, on CPU and on CUDA.
+
+Few and large ATen calls: at small batches a layer step costs what it dispatches, so every constant
+(payload buffer, its views, tag rows) is built once per layer and reused. Every function here is plain
+tensors in, tensors out; the collectives and checks live in :mod:`syncbn.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import pairing
+
+_native_bn_backward = torch.ops.aten.native_batch_norm_backward
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are float64 for float64 input and float32 otherwise (half inputs keep float32 stats)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Workspace:
+    """One layer's float64 payload ``[data (2, C) | count | b, b^2 | a, a^2]`` and fixed views of it.
+
+    Forward and backward payloads of a layer have the same length, so a rank that skipped a backward
+    meets a same-size payload and the tag (not gloo) reports it. Reused across calls: everything a call
+    keeps (saved stats, output, grads) is a fresh tensor, never a view of this buffer.
+    """
+
+    def __init__(self, num_features: int, device: torch.device) -> None:
+        c = num_features
+        self.payload = torch.zeros(2 * c + pairing.TAIL, dtype=torch.float64, device=device)
+        self.data = self.payload[: 2 * c].view(2, c)  # forward: sum x, sum x^2; backward: sum dy, sum dy*xhat
+        self.first, self.second = self.data.unbind()
+        self.scaled = self.payload[: 2 * c + 1]  # the data and the count slot
+        self.tail = self.payload[2 * c :]
+        self._shaped: dict[int, Tensor] = {}
+        self._scratch: dict[torch.dtype, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def first_as(self, ndim: int) -> Tensor:
+        """Row 0 viewed as (1, C, 1, ...), to add a per-channel view of an (N, C, *) tensor in place."""
+        view = self._shaped.get(ndim)
+        if view is None:
+            view = self._shaped[ndim] = self.first.view((1, -1) + (1,) * (ndim - 2))
+        return view
+
+    def scratch(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """A (2, C) buffer and its two rows, for values used within one call only."""
+        entry = self._scratch.get(dtype)
+        if entry is None:
+            buf = torch.zeros_like(self.data, dtype=dtype)
+            entry = self._scratch[dtype] = (buf, *buf.unbind())
+        return entry
+
+
+_WORKSPACES: dict = {}
+
+
+def workspace(layer_id: int, num_features: int, device: torch.device) -> Workspace:
+    key = (layer_id, num_features, device)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        if len(_WORKSPACES) > 4096:  # layers come and go (tests, notebooks): keep the cache bounded
+            _WORKSPACES.clear()
+        ws = _WORKSPACES[key] = Workspace(num_features, device)
+    return ws
+
+
+def _shift_view(x: Tensor) -> Tensor:
+    # x[0, :, 0, ...] as a (1, C, 1, ...) view in one op: a per-channel sample of this rank's data
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    return x.as_strided(shape, (0, x.stride(1)) + (0,) * (x.dim() - 2), x.storage_offset())
+
+
+def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) -> None:
+    """Write this rank's forward payload ``[sum x, sum x^2, n | tag]`` (float64) into ``ws.payload``.
+
+    CPU: moments of ``x - shift`` (shift = this rank's first value per channel, so |mean| >> std costs no
+    digits) from one ``batch_norm_update_stats`` pass, moved back about zero in float64. CUDA: the native
+    Welford kernel. ``x`` is non-empty and valid.
+    """
+    n = x.numel() // x.shape[1]
+    if x.is_cuda:
+        mean, invstd = torch.batch_norm_stats(x, 0.0)
+        # With eps=0, var = invstd^-2, except that the kernel reports invstd=0 (not inf) for a constant
+        # channel, whose variance is 0.
+        var = torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))
+        torch.cat([mean, var, count_row, code_row], out=ws.payload)
+    else:
+        shift = _shift_view(x)
+        centred = x - shift  # (N, C, *), O(std) values
+        if x.dtype in (torch.float32, torch.float64):
+            mean, var = torch.batch_norm_update_stats(centred, None, None, 0.0)
+        else:  # float32 scratch running stats (momentum 0) make it return float32 stats for half input
+            _, rm, rv = ws.scratch(torch.float32)
+            mean, var = torch.batch_norm_update_stats(centred, rm, rv, 0.0)
+        torch.cat([mean, var, count_row, code_row], out=ws.payload)
+        ws.first_as(x.dim()).add_(shift)  # float64 mean = shift + mean about the shift
+    ws.second.addcmul_(ws.first, ws.first)  # E[x^2] = var + mean^2, in float64
+    ws.scaled.mul_(n)  # sums and count: [n mean, n E[x^2], n]
+
+
+def pack_empty(ws: Workspace, count_row: Tensor, code_row: Tensor, count: float) -> None:
+    """A payload with zero sums: an empty rank (count 0) or a rank with bad input (count NaN)."""
+    torch.cat([count_row, code_row], out=ws.tail)
+    ws.scaled.fill_(0.0)
+    ws.tail[0] = count
+
+
+def global_stats(ws: Workspace, count: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) of the global batch from the reduced forward payload, as fresh ``dtype`` tensors."""
+    ws.data.div_(count)  # E[x], E[x^2]
+    # float64 cancellation costs ~1e-16 (mean/std)^2 of the variance; clamp the rounding below zero.
+    ws.second.addcmul_(ws.first, ws.first, value=-1).clamp_min_(0.0)
+    mean, var = ws.data.to(dtype, copy=True).unbind()
+    return mean, var
+
+
+def update_running(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    *,
+    momentum: float,
+    count: float,
+) -> None:
+    """Exponential (or cumulative) update with the global mean and the unbiased global variance."""
+    if running_mean is not None:
+        if running_mean.dtype == mean.dtype:
+            running_mean.lerp_(mean, momentum)
+        else:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    if running_var is not None:
+        running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * count / (count - 1))
+
+
+def normalize(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, *, eps: float
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` in one fused pass (weight/bias in the stats dtype)."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if x.is_cuda:
+        return torch.batch_norm_elemt(x, weight, bias, mean, (var + eps).rsqrt(), eps)
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+
+
+def reduce_grads(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, *, eps: float
+) -> tuple[Tensor, Tensor]:
+    """This rank's ``(sum dy * xhat, sum dy)`` per channel (= its local weight and bias gradients).
+
+    CPU: eval-mode native backward, whose weight/bias grads are exactly these sums (one fused pass).
+    CUDA: ``batch_norm_backward_reduce`` gives ``sum dy * (x - mean)``; scaled by invstd here.
+    """
+    if x.numel() == 0:
+        return torch.zeros_like(mean), torch.zeros_like(mean)
+    if x.is_cuda:
+        invstd = (var + eps).rsqrt()
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(
+            dy, x, mean, invstd, weight, True, False, False
+        )
+        return sum_dy_xmu * invstd, sum_dy
+    _, sum_dy_xhat, sum_dy = _native_bn_backward(
+        dy, x, weight, mean, var, None, None, False, eps, [False, True, True]
+    )
+    return sum_dy_xhat, sum_dy
+
+
+def input_grad(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    ws: Workspace,
+    *,
+    count: float,
+    eps: float,
+) -> Tensor:
+    """dx = weight * invstd * (dy - sum dy / N - xhat * sum(dy * xhat) / N), from the reduced payload."""
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    if x.is_cuda:
+        # The native kernel divides by the total of the per-rank counts it is given (int32) and wants
+        # sum dy * (x - mean); torch.full fills on the device: no sync.
+        invstd = (var + eps).rsqrt()
+        sum_dy, sum_dy_xhat = ws.data.to(mean.dtype).unbind()
+        counts = torch.full((1,), count, dtype=torch.int32, device=x.device)
+        return torch.batch_norm_backward_elemt(
+            dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat / invstd, counts
+        )
+    # -sum dy / N and -sum(dy xhat) / N in the stats dtype, as rows of a reused buffer
+    coef, neg_mean_dy, neg_mean_dy_xhat = ws.scratch(mean.dtype)
+    torch.div(ws.data, -count, out=coef)
+    # Eval-mode batch_norm with weight -mean(dy xhat) and bias -mean(dy) gives the two correction terms in
+    # one pass; + dy; then eval-mode native backward multiplies by invstd * weight, in one more.
+    inner = torch.batch_norm(x, neg_mean_dy_xhat, neg_mean_dy, mean, var, False, 0.0, eps, False)
+    inner.add_(dy)
+    return _native_bn_backward(inner, x, weight, mean, var, None, None, False, eps, [True, False, False])[0]
