@@ -53,7 +53,7 @@ def _exchange(
         pairing.check_fingerprint(parts, what, ws.payload.device, group)
     # The one collective of this pass: statistics (or gradient sums), count and tag of every rank.
     comms.all_reduce_sum(ws.payload, group)
-    tail = ws.tail.tolist()  # the one host read of this pass (a device sync on CUDA)
+    tail = ws.read_tail()  # the one host read of this pass (a device sync on CUDA)
     if not pairing.tags_agree(tail, layer_id, call_index, backward, comms.world_size(group)):
         pairing.raise_mispaired(pairing.describe(layer_id, call_index, backward, num_features), group)
     return tail
@@ -108,7 +108,7 @@ def forward_stats_and_normalize(
 
     sdt = stats_dtype(input.dtype)
     mean, var = kernels.global_stats(ws, count, sdt)
-    kernels.update_running(running_mean, running_var, mean, var, momentum=momentum, count=count)
+    kernels.update_running(running_mean, running_var, mean, var, ws, momentum=momentum, count=count)
     out = kernels.normalize(input, _in_dtype(weight, sdt), _in_dtype(bias, sdt), mean, var, eps=eps)
     return out, mean, var, count
 

@@ -35,15 +35,28 @@ class Workspace:
         self.first, self.second = self.data.unbind()
         self.scaled = self.payload[: 2 * c + 1]  # the data and the count slot
         self.tail = self.payload[2 * c :]
-        self._shaped: dict[int, Tensor] = {}
+        self._host_tail = _host_view(self.tail)
+        self._shaped: dict[int, tuple[Tensor, Tensor]] = {}
+        self._ones: dict[torch.dtype, Tensor] = {}
         self._scratch: dict[torch.dtype, tuple[Tensor, Tensor, Tensor]] = {}
 
-    def first_as(self, ndim: int) -> Tensor:
-        """Row 0 viewed as (1, C, 1, ...), to add a per-channel view of an (N, C, *) tensor in place."""
-        view = self._shaped.get(ndim)
-        if view is None:
-            view = self._shaped[ndim] = self.first.view((1, -1) + (1,) * (ndim - 2))
-        return view
+    def rows_as(self, ndim: int) -> tuple[Tensor, Tensor]:
+        """Both data rows viewed as (1, C, 1, ...), to combine with per-channel views of (N, C, *) input."""
+        views = self._shaped.get(ndim)
+        if views is None:
+            shape = (1, -1) + (1,) * (ndim - 2)
+            views = self._shaped[ndim] = (self.first.view(shape), self.second.view(shape))
+        return views
+
+    def read_tail(self) -> list[float]:
+        """The payload tail on the host: the one device sync of a pass on CUDA, no dispatch on CPU."""
+        return self._host_tail.tolist() if self._host_tail is not None else self.tail.tolist()
+
+    def ones(self, dtype: torch.dtype) -> Tensor:
+        ones = self._ones.get(dtype)
+        if ones is None:
+            ones = self._ones[dtype] = torch.ones_like(self.first, dtype=dtype)
+        return ones
 
     def scratch(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """A (2, C) buffer and its two rows, for values used within one call only."""
@@ -52,6 +65,16 @@ class Workspace:
             buf = torch.zeros_like(self.data, dtype=dtype)
             entry = self._scratch[dtype] = (buf, *buf.unbind())
         return entry
+
+
+def _host_view(t: Tensor):
+    # A numpy view of a CPU tensor reads without an ATen dispatch (two per read with tolist()).
+    if t.device.type != "cpu":
+        return None
+    try:
+        return t.numpy()
+    except (ImportError, RuntimeError):  # numpy is optional for torch
+        return None
 
 
 _WORKSPACES: dict = {}
@@ -77,8 +100,7 @@ def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) 
     """Write this rank's forward payload ``[sum x, sum x^2, n | tag]`` (float64) into ``ws.payload``.
 
     CPU: moments of ``x - shift`` (shift = this rank's first value per channel, so |mean| >> std costs no
-    digits) from one ``batch_norm_update_stats`` pass, moved back about zero in float64. CUDA: the native
-    Welford kernel. ``x`` is non-empty and valid.
+    digits), moved back about zero in float64. CUDA: the native Welford kernel. ``x`` is non-empty, valid.
     """
     n = x.numel() // x.shape[1]
     if x.is_cuda:
@@ -89,16 +111,39 @@ def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) 
         torch.cat([mean, var, count_row, code_row], out=ws.payload)
     else:
         shift = _shift_view(x)
-        centred = x - shift  # (N, C, *), O(std) values
-        if x.dtype in (torch.float32, torch.float64):
-            mean, var = torch.batch_norm_update_stats(centred, None, None, 0.0)
-        else:  # float32 scratch running stats (momentum 0) make it return float32 stats for half input
-            _, rm, rv = ws.scratch(torch.float32)
-            mean, var = torch.batch_norm_update_stats(centred, rm, rv, 0.0)
+        # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
+        centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
+        if _plain_sums_are_faster(centred):
+            _pack_shifted_sums(centred, shift, ws, count_row, code_row)
+            return
+        mean, var = torch.batch_norm_update_stats(centred, None, None, 0.0)
         torch.cat([mean, var, count_row, code_row], out=ws.payload)
-        ws.first_as(x.dim()).add_(shift)  # float64 mean = shift + mean about the shift
+        ws.rows_as(x.dim())[0].add_(shift)  # float64 mean = shift + mean about the shift
     ws.second.addcmul_(ws.first, ws.first)  # E[x^2] = var + mean^2, in float64
     ws.scaled.mul_(n)  # sums and count: [n mean, n E[x^2], n]
+
+
+# Above this size the passes over the activation cost more than the dispatches.
+LARGE = 1 << 15
+
+
+def _plain_sums_are_faster(centred: Tensor) -> bool:
+    # batch_norm_update_stats accumulates NCHW-contiguous float32 in float64, unvectorized: on large
+    # inputs two plain sums are several times faster (it is fast on channels-last and 2-D layouts).
+    return centred.numel() >= LARGE and centred.dim() > 2 and centred.is_contiguous()
+
+
+def _pack_shifted_sums(
+    centred: Tensor, shift: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor
+) -> None:
+    n, dims = centred.numel() // centred.shape[1], [0, *range(2, centred.dim())]
+    sums = centred.sum(dims)  # about the shift, O(std) terms: float32 sums keep their digits
+    torch.cat([sums, centred.square_().sum(dims), count_row, code_row], out=ws.payload)
+    # Back to moments about zero in float64: sum x^2 = Q' + 2k S' + n k^2, sum x = S' + n k.
+    total, square = ws.rows_as(centred.dim())
+    square.addcmul_(total, shift, value=2).addcmul_(shift, shift, value=n)
+    total.add_(shift, alpha=n)
+    ws.tail[0] = n
 
 
 def pack_empty(ws: Workspace, count_row: Tensor, code_row: Tensor, count: float) -> None:
@@ -122,18 +167,29 @@ def update_running(
     running_var: Tensor | None,
     mean: Tensor,
     var: Tensor,
+    ws: Workspace,
     *,
     momentum: float,
     count: float,
 ) -> None:
     """Exponential (or cumulative) update with the global mean and the unbiased global variance."""
+    unbias = count / (count - 1)
+    if (
+        running_mean is not None
+        and running_var is not None
+        and running_mean.dtype == running_var.dtype == mean.dtype
+    ):
+        # Both buffers in two dispatches: r = (1 - momentum) r + momentum * stat
+        torch._foreach_mul_([running_mean, running_var], 1.0 - momentum)
+        ones = ws.ones(mean.dtype)
+        torch._foreach_addcmul_(
+            [running_mean, running_var], [mean, var], [ones, ones], [momentum, momentum * unbias]
+        )
+        return
     if running_mean is not None:
-        if running_mean.dtype == mean.dtype:
-            running_mean.lerp_(mean, momentum)
-        else:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
     if running_var is not None:
-        running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * count / (count - 1))
+        running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * unbias)
 
 
 def normalize(
@@ -192,11 +248,21 @@ def input_grad(
         return torch.batch_norm_backward_elemt(
             dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat / invstd, counts
         )
-    # -sum dy / N and -sum(dy xhat) / N in the stats dtype, as rows of a reused buffer
-    coef, neg_mean_dy, neg_mean_dy_xhat = ws.scratch(mean.dtype)
-    torch.div(ws.data, -count, out=coef)
-    # Eval-mode batch_norm with weight -mean(dy xhat) and bias -mean(dy) gives the two correction terms in
-    # one pass; + dy; then eval-mode native backward multiplies by invstd * weight, in one more.
-    inner = torch.batch_norm(x, neg_mean_dy_xhat, neg_mean_dy, mean, var, False, 0.0, eps, False)
-    inner.add_(dy)
-    return _native_bn_backward(inner, x, weight, mean, var, None, None, False, eps, [True, False, False])[0]
+    coef, bias_row, weight_row = ws.scratch(mean.dtype)
+    if x.numel() < LARGE:
+        # Fewest dispatches: batch_norm with weight -mean(dy xhat) and bias -mean(dy) gives the two
+        # correction terms, + dy, then eval-mode native backward multiplies by invstd * weight.
+        torch.div(ws.data, -count, out=coef)
+        inner = torch.batch_norm(x, weight_row, bias_row, mean, var, False, 0.0, eps, False)
+        inner.add_(dy)
+        return _native_bn_backward(inner, x, weight, mean, var, None, None, False, eps, [True, False, False])[
+            0
+        ]
+    # Fewest passes: a = weight * invstd; batch_norm(x, -a mean(dy xhat), -a mean(dy)) + a * dy.
+    a = (var + eps).rsqrt_()
+    if weight is not None:
+        a.mul_(weight)
+    torch.mul(ws.data, a * (-1.0 / count), out=coef)
+    dx = torch.batch_norm(x, weight_row, bias_row, mean, var, False, 0.0, eps, False)
+    # Same-dtype addcmul: a float32 factor on a half tensor takes a slow, unvectorized mixed-type path.
+    return dx.addcmul_(dy, a.to(dx.dtype).view((1, -1) + (1,) * (x.dim() - 2)))

@@ -19,6 +19,7 @@ TAIL = 5  # payload tail: count slot, b, b^2, a, a^2 (b = call index, a = layer 
 
 _ROWS: dict = {}  # device -> (TAG_LIMIT, 3) float64 table of [1, t, t^2]
 _CODES: dict = {}  # (layer code, device) -> [a, a^2] view of that table
+_CALLS: dict = {}  # (call index, device) -> [1, b, b^2] view: shared by every layer at the same step
 
 
 def _table(device: torch.device) -> torch.Tensor:
@@ -38,15 +39,21 @@ def tail_parts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two pieces of a payload tail: ``[1, b, b^2]`` (count slot, call) and ``[a, a^2]`` (layer, pass).
 
-    Both are views of a per-device table, so writing a tail costs one select and a share of the payload's
-    ``cat``; the count slot's 1 becomes the batch count when the forward scales its payload.
+    Both are cached views of a per-device table, so writing a tail costs a share of the payload's ``cat``
+    (and one select per step for the whole model: all its layers are at the same call index). The count
+    slot's 1 becomes the batch count when the forward scales its payload.
     """
-    rows = _table(device)
-    key = (layer_code(layer_id, backward), device)
-    code = _CODES.get(key)
+    code = _CODES.get((layer_code(layer_id, backward), device))
     if code is None:
-        code = _CODES[key] = rows[key[0], 1:]
-    return rows[call_index % TAG_LIMIT], code
+        code = _CODES[(layer_code(layer_id, backward), device)] = _table(device)[
+            layer_code(layer_id, backward), 1:
+        ]
+    call = _CALLS.get((call_index, device))
+    if call is None:
+        if len(_CALLS) > 64:  # only the current steps' rows are needed
+            _CALLS.clear()
+        call = _CALLS[(call_index, device)] = _table(device)[call_index % TAG_LIMIT]
+    return call, code
 
 
 def describe(layer_id: int, call_index: int, backward: bool, num_features: int) -> str:
