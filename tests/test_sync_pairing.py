@@ -8,6 +8,8 @@ pinned too, so the README's list stays true.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -41,6 +43,11 @@ def _outcome(fn) -> tuple[str, str]:
     return "none", ""
 
 
+def _timed(fn) -> tuple[str, str, float]:
+    start = time.monotonic()
+    return (*_outcome(fn), time.monotonic() - start)
+
+
 def mistakes(rank: int, world_size: int, culprit: int) -> dict:
     """Each mistake on rank ``culprit`` after one good step; returns (error type, message, layer ids)."""
     out = {}
@@ -56,7 +63,7 @@ def mistakes(rank: int, world_size: int, culprit: int) -> dict:
             _step(layers, rank, **(bad if rank == culprit else {}))
             _step(layers, rank)  # the culprit's next step meets the others' unfinished one
 
-        out[name] = (*_outcome(mistake), [layer._layer_id for layer in layers])
+        out[name] = (*_timed(mistake), [layer._layer_id for layer in layers])
     # The ranks are back in step after every error: a new layer syncs and matches the reference.
     x = torch.randn(2 * world_size, 3, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     y = SyncBatchNorm(3, dtype=torch.float64)(x[2 * rank : 2 * rank + 2])
@@ -69,11 +76,12 @@ def test_mispaired_calls_raise_on_every_rank_naming_rank_and_layer(world_size, t
     culprit = world_size - 1
     per_rank = values(spawn(mistakes, world_size, tmp_path, culprit, timeout=120, pg_timeout=30))
     for name, layer_index in [("skipped_backward", 2), ("no_grad_forward", 2), ("skipped_layer", 1)]:
-        ids = per_rank[0][name][2]
-        assert all(r[name][2] == ids for r in per_rank), "layer ids must agree across ranks"
+        ids = per_rank[0][name][3]
+        assert all(r[name][3] == ids for r in per_rank), "layer ids must agree across ranks"
         layer = f"layer #{ids[layer_index]}"
         for rank, r in enumerate(per_rank):
-            kind, message, _ = r[name]
+            kind, message, seconds, _ = r[name]
+            assert seconds < 10, f"{name} on rank {rank} took {seconds:.1f}s"
             assert kind == "RuntimeError", (name, rank, kind, message)
             assert "mispaired" in message and f"rank {culprit}" in message and layer in message, message
             # every rank's message says what the culprit and the others were doing
@@ -87,8 +95,7 @@ def test_mispaired_calls_raise_on_every_rank_naming_rank_and_layer(world_size, t
     assert all(r["still_works"] < 1e-12 for r in per_rank)
 
 
-def _widths_differ(rank: int, debug: bool) -> tuple[str, str]:
-    comms.set_debug(debug)
+def _widths_differ(rank: int) -> tuple[str, str]:
     torch.manual_seed(0)
     layers = [SyncBatchNorm(4), nn.Conv1d(4, 6, 1), SyncBatchNorm(6)]
     _step(layers, rank)
@@ -97,7 +104,8 @@ def _widths_differ(rank: int, debug: bool) -> tuple[str, str]:
 
 def debug_mode(rank: int, world_size: int) -> dict:
     """Layers of different width, skipped backward on rank 1: backward of C=6 meets forward of C=4."""
-    out = {"debug": _widths_differ(rank, True)}
+    assert comms.debug(), "SYNCBN_DEBUG=1 reaches every rank"
+    out = {"debug": _widths_differ(rank)}
     # A layer's first call (the fixed-size channel check) meeting another layer's payload, in debug mode.
     first = [SyncBatchNorm(4), SyncBatchNorm(4)]
     _step(first[:1], rank)
@@ -105,7 +113,8 @@ def debug_mode(rank: int, world_size: int) -> dict:
     return out
 
 
-def test_debug_mode_turns_size_mismatches_into_errors(tmp_path):
+def test_debug_mode_turns_size_mismatches_into_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNCBN_DEBUG", "1")  # what users set; the spawned ranks read it at import
     per_rank = values(spawn(debug_mode, 2, tmp_path, timeout=90))
     for r in per_rank:
         kind, message = r["debug"]
@@ -116,14 +125,16 @@ def test_debug_mode_turns_size_mismatches_into_errors(tmp_path):
         assert kind == "RuntimeError" and "channel check" in message, message
 
 
-def test_without_debug_mode_a_size_mismatch_aborts_gloo(tmp_path):
+def test_without_debug_mode_a_size_mismatch_aborts_gloo(tmp_path, monkeypatch):
     """What the README says aborts without SYNCBN_DEBUG: the same mistake with layers of different width."""
+    monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
     with pytest.raises(AssertionError, match="died without reporting"):
         spawn(_abort_case, 2, tmp_path, timeout=60)
 
 
 def _abort_case(rank: int, world_size: int):
-    return _widths_differ(rank, False)
+    assert not comms.debug()
+    return _widths_differ(rank)
 
 
 def eval_alone(rank: int, world_size: int) -> dict:
