@@ -3,6 +3,7 @@ the group is cached on the layer (and renewed with a new world), debug mode from
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import subprocess
@@ -108,18 +109,19 @@ def group_cache(rank: int, world_size: int) -> dict:
         for _ in range(4):
             layer(torch.randn(4, 3)).sum().backward()
         first = len(calls)
+        twin = copy.deepcopy(layer)  # an EMA copy: the cached process group is not carried (not copyable)
         layer.process_group = dist.new_group([0, 1])  # convert_sync_batchnorm(process_group=...) does this
         layer(torch.randn(4, 3))
         layer.eval()
         layer(torch.randn(4, 3))  # eval: no lookup, no collective
-        return {"first": first, "after_new_group": len(calls)}
+        return {"first": first, "after_new_group": len(calls), "copy_cache": twin._sync_cache}
     finally:
         comms.private_group = lookup
 
 
 def test_the_group_is_cached_on_the_layer(tmp_path):
     for r in values(spawn(group_cache, 2, tmp_path)):
-        assert r == {"first": 1, "after_new_group": 2}, r
+        assert r == {"first": 1, "after_new_group": 2, "copy_cache": None}, r
 
 
 def errors_on_all_ranks(rank: int, world_size: int) -> dict:
