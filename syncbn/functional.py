@@ -100,8 +100,11 @@ def forward_stats_and_normalize(
     ws = kernels.workspace(layer_id, num_features, input.device)
     count_row, code_row = pairing.tail_parts(layer_id, call_index, False, input.device)
     if error is None and input.numel() > 0:
-        kernels.pack_moments(input, ws, count_row, code_row)
-    else:
+        try:
+            kernels.pack_moments(input, ws, count_row, code_row)
+        except RuntimeError as e:  # still join the collective, so the others raise instead of waiting
+            error = f"{type(e).__name__}: {e}"
+    if error is not None or input.numel() == 0:
         kernels.pack_empty(ws, count_row, code_row, 0.0 if error is None else float("nan"))
     tail = _exchange(ws, layer_id, call_index, False, num_features, process_group)
     count = _checked_count(tail[0], error, num_features, process_group)
@@ -137,10 +140,17 @@ def backward_reduce_and_grad(
     """
     ws = kernels.workspace(layer_id, num_features, input.device)
     w = _in_dtype(weight, mean.dtype)
-    grad_weight, grad_bias = kernels.reduce_grads(grad_output, input, w, mean, var, eps=eps)
     count_row, code_row = pairing.tail_parts(layer_id, call_index, True, input.device)
-    torch.cat([grad_bias, grad_weight, count_row, code_row], out=ws.payload)
-    _exchange(ws, layer_id, call_index, True, num_features, process_group)
+    error = None
+    try:
+        grad_weight, grad_bias = kernels.reduce_grads(grad_output, input, w, mean, var, eps=eps)
+        torch.cat([grad_bias, grad_weight, count_row, code_row], out=ws.payload)
+    except RuntimeError as e:  # join anyway with a NaN in the count slot, so every rank raises
+        error = f"{type(e).__name__}: {e}"
+        kernels.pack_empty(ws, count_row, code_row, float("nan"))
+    reduced = _exchange(ws, layer_id, call_index, True, num_features, process_group)
+    if reduced[0] != reduced[0]:  # NaN: some rank failed here and joined only to tell us
+        comms.raise_on_all_ranks(error, process_group)
     grad_input = None
     if need_input:
         grad_input = kernels.input_grad(grad_output, input, w, mean, var, ws, count=count, eps=eps)
