@@ -100,25 +100,29 @@ def _shift_view(x: Tensor) -> Tensor:
 def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) -> None:
     """Write this rank's forward payload ``[sum x, sum x^2, n | tag]`` (float64) into ``ws.payload``.
 
-    CPU: moments of ``x - shift`` (shift = this rank's first value per channel, so |mean| >> std costs no
-    digits), moved back about zero in float64. CUDA: the native Welford kernel. ``x`` is non-empty, valid.
+    CPU: moments about a shift (this rank's first value per channel, so |mean| >> std costs no digits),
+    moved back about zero in float64. CUDA: the native Welford kernel. ``x`` is non-empty and valid.
     """
-    n = x.numel() // x.shape[1]
+    n, shift = x.numel() // x.shape[1], None
     if x.is_cuda:
         mean, invstd = torch.batch_norm_stats(x, 0.0)
         # With eps=0, var = invstd^-2, except that the kernel reports invstd=0 (not inf) for a constant
         # channel, whose variance is 0.
         var = torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))
-        torch.cat([mean, var, count_row, code_row], out=ws.payload)
+    elif x.numel() >= LARGE and x.dim() > 2 and x.is_contiguous():
+        # batch_norm_update_stats accumulates NCHW float32 in float64, unvectorized: plain sums are faster
+        _pack_shifted_sums(x, ws, count_row, code_row)
+        return
     else:
-        shift = _shift_view(x)
-        # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
-        centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
-        if _plain_sums_are_faster(centred):
-            _pack_shifted_sums(centred, shift, ws, count_row, code_row)
-            return
-        mean, var = torch.batch_norm_update_stats(centred, None, None, 0.0)
-        torch.cat([mean, var, count_row, code_row], out=ws.payload)
+        moments = _unshifted_moments(x) if x.numel() >= LARGE else None
+        if moments is None:
+            shift = _shift_view(x)
+            # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
+            centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
+            moments = torch.batch_norm_update_stats(centred, None, None, 0.0)
+        mean, var = moments
+    torch.cat([mean, var, count_row, code_row], out=ws.payload)
+    if shift is not None:
         ws.rows_as(x.dim())[0].add_(shift)  # float64 mean = shift + mean about the shift
     ws.second.addcmul_(ws.first, ws.first)  # E[x^2] = var + mean^2, in float64
     ws.scaled.mul_(n)  # sums and count: [n mean, n E[x^2], n]
@@ -128,16 +132,23 @@ def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) 
 LARGE = 1 << 16
 
 
-def _plain_sums_are_faster(centred: Tensor) -> bool:
-    # batch_norm_update_stats accumulates NCHW-contiguous float32 in float64, unvectorized: on large
-    # inputs two plain sums are several times faster (it is fast on channels-last and 2-D layouts).
-    return centred.numel() >= LARGE and centred.dim() > 2 and centred.is_contiguous()
+def _unshifted_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(mean, var) of a large channels-last or 2-D input in one pass over ``x`` itself, when every channel
+    has |mean| <= 10 std, where the one-pass kernel loses no more than with a shift; else None (the caller
+    shifts). Saves the shifted copy, a full pass over the activation."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return None
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    if bool((mean.square() > 100.0 * var).any()):  # a CPU-only host read
+        return None
+    return mean, var
 
 
-def _pack_shifted_sums(
-    centred: Tensor, shift: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor
-) -> None:
-    n, dims = centred.numel() // centred.shape[1], [0, *range(2, centred.dim())]
+def _pack_shifted_sums(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) -> None:
+    n, dims = x.numel() // x.shape[1], [0, *range(2, x.dim())]
+    shift = _shift_view(x)
+    # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
+    centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
     sums = centred.sum(dims)  # about the shift, O(std) terms: float32 sums keep their digits
     torch.cat([sums, centred.square_().sum(dims), count_row, code_row], out=ws.payload)
     # Back to moments about zero in float64: sum x^2 = Q' + 2k S' + n k^2, sum x = S' + n k.

@@ -37,7 +37,9 @@ CASES = [
     dict(shape=(8, 4, 5, 5), dtype=torch.float64, param_dtype=torch.float32),
     dict(shape=(2, 3), constant=True),  # a constant channel: variance exactly 0
     dict(shape=(4, 4, 64, 64)),  # large: the CPU's plain-sums and two-pass input-grad branches
+    dict(shape=(4, 4, 64, 64), channels_last=True),
     dict(shape=(4, 4, 64, 64), channels_last=True, constant=True),
+    dict(shape=(16384, 6), offset=1e4),  # |mean| >> std: the CPU falls back to shifted moments
     dict(shape=(4, 4, 64, 64), dtype=torch.bfloat16),
     dict(shape=(16384, 6), dtype=torch.float64, param_dtype=torch.float32),
 ]
@@ -51,7 +53,7 @@ def test_sync_function_matches_batchnorm(world_of_one, device, case):
     pdt = case.get("param_dtype", torch.float32 if dtype != torch.float64 else torch.float64)
     c = case["shape"][1]
     torch.manual_seed(0)
-    x = torch.randn(case["shape"], dtype=torch.float64) * 2 + 1
+    x = torch.randn(case["shape"], dtype=torch.float64) * 2 + case.get("offset", 1.0)
     if case.get("constant"):
         x[:, 1] = 3.0
     x = x.to(dev, dtype)
