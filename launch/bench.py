@@ -1,26 +1,37 @@
-"""task=bench: how much a SyncBN training step costs next to local BatchNorm plus the bare communication.
+"""task=bench: a SyncBN step next to local BatchNorm, the communication floor and a naive SyncBN.
 
-Per rank, median forward+backward time of one layer, measured interleaved (A B C D A B C D ...) so drift
-hits every variant alike:
-  syncbn  ours, training mode          local  F.batch_norm on the same local batch, no sync
-  comm    all-reduce of 2C+1 and 2C    naive  autograd SyncBN (count all-reduce, then sums; autograd backward)
+    python -m launch.run task=bench launcher.nproc_per_node=2 bench.world_sizes=[2]
+
+Per rank, median forward+backward time of one layer, measured interleaved (A B C ... A B C ...) so drift
+hits every variant alike; every variant starts after a barrier, so a late peer is nobody's cost:
+  syncbn  ours, training mode             local   F.batch_norm on the same local batch, no sync
+  comm    bare all-reduces of 2C+1 and 2C float64, back to back
+  insitu  local forward, all-reduce of 2C+1 float64, local backward, all-reduce of 2C float64: the floor
+          timed like our step, so it pays the same in-step waits any synchronous SyncBN pays
+  naive   autograd SyncBN (count all-reduce, then sums; autograd backward)
   torch   torch.nn.SyncBatchNorm (CUDA only)
-floor_ratio = syncbn / (local + comm); naive_speedup = naive / syncbn. Ranks beyond a world size wait.
+floor_ratio = syncbn / (local + comm); insitu_ratio = syncbn / insitu; naive_speedup = naive / syncbn;
+ops = ATen ops one layer step dispatches (torch.profiler, top level). Then one training step of the
+configured model (DDP + SGD) with bench.network_images images per rank: syncbn vs bn vs naive.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
-from syncbn import SyncBatchNorm
+from syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 from .worker import Context
 
@@ -58,6 +69,17 @@ def naive_sync_bn(x: torch.Tensor, weight, bias, group, eps: float = 1e-5) -> to
     return (x - mean.view(shape)) * scale.view(shape) + bias.view(shape)
 
 
+class NaiveSyncBatchNorm(nn.Module):
+    """:func:`naive_sync_bn` as a layer (no running statistics), for the whole-network figure."""
+
+    def __init__(self, bn: nn.Module, group) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps, self.group = bn.weight, bn.bias, bn.eps, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return naive_sync_bn(x, self.weight, self.bias, self.group, self.eps)
+
+
 def saved_bytes(fn) -> int:
     """Bytes of the distinct tensors autograd saves for backward while running ``fn``."""
     seen: dict[tuple, int] = {}
@@ -72,6 +94,24 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def aten_ops(fn: Callable[[], Any]) -> int:
+    """ATen operators ``fn`` dispatches from Python and autograd (top level: not counting their callees)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+
+    def top_level(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            # callees of another op, or autograd accumulating into a leaf's .grad (any layer pays that)
+            if parent.name.startswith("aten::") or "AccumulateGrad" in parent.name:
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return sum(1 for e in events if top_level(e))
+
+
 def _cases(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     cases = []
     for shape in cfg["shapes"]:
@@ -84,71 +124,187 @@ def _cases(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return cases
 
 
-def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup: int) -> dict[str, float]:
-    cfg_dtype = DTYPES[case["dtype"]]
-    shape, c = case["shape"], case["shape"][1]
-    dev = ctx.device
+def _inputs(ctx: Context, case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (x, dy) for the case: seeded by rank, in the case's dtype and memory format."""
     torch.manual_seed(ctx.rank)
-    x = torch.randn(shape, device=dev, dtype=cfg_dtype)
-    dy = torch.randn(shape, device=dev, dtype=cfg_dtype)
+    dtype, fmt = DTYPES[case["dtype"]], torch.contiguous_format
     if case["format"] == "channels_last":
-        x, dy = (
-            x.contiguous(memory_format=torch.channels_last),
-            dy.contiguous(memory_format=torch.channels_last),
-        )
-    x.requires_grad_(True)
+        fmt = torch.channels_last
+    x = torch.randn(case["shape"], device=ctx.device, dtype=dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(case["shape"], device=ctx.device, dtype=dtype).contiguous(memory_format=fmt)
+    return x.requires_grad_(True), dy
+
+
+def _variants(ctx: Context, x, dy, group, world: int) -> tuple[dict, dict, Callable[[], None]]:
+    """Every variant's timed step, its forward alone (for the memory figure), and a grad reset."""
+    c, dev = x.shape[1], ctx.device
     weight = torch.ones(c, device=dev, requires_grad=True)
     bias = torch.zeros(c, device=dev, requires_grad=True)
     ours = SyncBatchNorm(c, process_group=group, device=dev)
     rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
-    stats_in = torch.zeros(2 * c + 1, device=dev)
-    stats_back = torch.zeros(2 * c, device=dev)
+    # The communication floor, in float64 like the layer's payloads
+    fwd_stats = torch.zeros(2 * c + 1, dtype=torch.float64, device=dev)
+    bwd_stats = torch.zeros(2 * c, dtype=torch.float64, device=dev)
 
-    def run_syncbn():
-        ours(x).backward(dy)
+    def local():
+        return F.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5)
 
-    def run_local():
-        F.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5).backward(dy)
-
-    def run_comm():
+    def comm():
         if world > 1:
-            dist.all_reduce(stats_in, group=group)
-            dist.all_reduce(stats_back, group=group)
+            dist.all_reduce(fwd_stats, group=group)
+            dist.all_reduce(bwd_stats, group=group)
 
-    def run_naive():
-        naive_sync_bn(x, weight, bias, group).backward(dy)
+    def insitu():
+        y = local()
+        if world > 1:
+            dist.all_reduce(fwd_stats, group=group)
+        y.backward(dy)
+        if world > 1:
+            dist.all_reduce(bwd_stats, group=group)
 
-    variants = {"syncbn": run_syncbn, "local": run_local, "comm": run_comm, "naive": run_naive}
+    def clear():
+        for t in (x, weight, bias, ours.weight, ours.bias):
+            t.grad = None
+
+    forwards = {
+        "syncbn": lambda: ours(x),
+        "local": local,
+        "naive": lambda: naive_sync_bn(x, weight, bias, group),
+    }
+    variants = {
+        "syncbn": lambda: forwards["syncbn"]().backward(dy),
+        "local": lambda: local().backward(dy),
+        "comm": comm,
+        "insitu": insitu,
+        "naive": lambda: forwards["naive"]().backward(dy),
+    }
     if dev.type == "cuda" and world > 1:
         theirs = torch.nn.SyncBatchNorm(c, process_group=group, device=dev)
         variants["torch"] = lambda: theirs(x).backward(dy)
+    return variants, forwards, clear
 
+
+def time_interleaved(
+    variants: dict[str, Callable[[], Any]],
+    device: torch.device,
+    group,
+    world: int,
+    *,
+    rounds: int,
+    warmup: int,
+    after: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Median milliseconds per call of each variant, interleaved; the max over the group's ranks.
+
+    Each call starts after a barrier (a late peer is not the variant's cost); ``after`` runs untimed
+    after every call (to clear gradients).
+    """
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup + rounds):
         for name, fn in variants.items():
             if world > 1:
-                dist.barrier(group=group)  # start together: waiting for a late peer is not our cost
-            if dev.type == "cuda":
+                dist.barrier(group=group)
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn()
-            if dev.type == "cuda":
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-            x.grad = weight.grad = bias.grad = None
-    medians = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-    # The step is as slow as the slowest rank: take the max of the medians over the group.
-    packed = torch.tensor(list(medians.values()), dtype=torch.float64, device=dev)
+            if after is not None:
+                after()
+    medians = [statistics.median(ts) * 1e3 for ts in times.values()]
+    # A step is as slow as the slowest rank: take the max of the medians over the group.
+    packed = torch.tensor(medians, dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-    result = dict(zip(medians, packed.tolist(), strict=True))
-    result["saved_MB_syncbn"] = saved_bytes(lambda: ours(x)) / 2**20
-    result["saved_MB_local"] = (
-        saved_bytes(lambda: F.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5)) / 2**20
+    return dict(zip(times, packed.tolist(), strict=True))
+
+
+def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup: int) -> dict[str, Any]:
+    """One layer row: times, ratios, ATen ops per step and saved-for-backward memory."""
+    x, dy = _inputs(ctx, case)
+    variants, forwards, clear = _variants(ctx, x, dy, group, world)
+    ms = time_interleaved(variants, ctx.device, group, world, rounds=rounds, warmup=warmup, after=clear)
+    row: dict[str, Any] = {
+        "world_size": world,
+        "shape": "x".join(map(str, case["shape"])),
+        "format": case["format"],
+        "dtype": case["dtype"],
+        **{k: round(v, 4) for k, v in ms.items()},
+        "floor_ratio": round(ms["syncbn"] / (ms["local"] + ms["comm"]), 3),
+        "insitu_ratio": round(ms["syncbn"] / ms["insitu"], 3),
+        "naive_speedup": round(ms["naive"] / ms["syncbn"], 3),
+    }
+    for name in ("syncbn", "local", "naive"):
+        clear()
+        row[f"ops_{name}"] = aten_ops(variants[name])  # collective: every rank of the group profiles
+    clear()
+    for name, forward in forwards.items():
+        row[f"saved_MB_{name}"] = round(saved_bytes(forward) / 2**20, 4)
+    return row
+
+
+def _naive_copy(model: nn.Module, group) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm replaced by :class:`NaiveSyncBatchNorm`."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, NaiveSyncBatchNorm(child, group))
+    return model
+
+
+def _network_step(ctx: Context, model: nn.Module, group, images: torch.Tensor, labels: torch.Tensor):
+    """One training step of ``model`` under DDP with SGD: what a user's step costs."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    ddp = DistributedDataParallel(model, device_ids=ids, process_group=group)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(ddp(images), labels).backward()
+        opt.step()
+
+    return step
+
+
+def _time_network(ctx: Context, group, world: int, per_rank: int, rounds: int, warmup: int) -> dict:
+    """One row of the whole-network figure: the configured model, ``per_rank`` images on each rank."""
+    from hydra.utils import instantiate
+
+    data = instantiate(ctx.cfg["data"]["train"])
+    picks = [data[i] for i in range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)]
+    images = torch.stack([p[0] for p in picks]).to(ctx.device)
+    labels = torch.stack([torch.as_tensor(p[1]) for p in picks]).to(ctx.device)
+    torch.manual_seed(ctx.cfg["seed"])
+    base = instantiate(ctx.cfg["model"]).to(ctx.device)
+    models = {
+        "syncbn": convert_sync_batchnorm(copy.deepcopy(base), group),
+        "bn": base,
+        "naive": _naive_copy(base, group),
+    }
+    steps = {name: _network_step(ctx, m, group, images, labels) for name, m in models.items()}
+    ms = time_interleaved(steps, ctx.device, group, world, rounds=rounds, warmup=warmup)
+    return {
+        "world_size": world,
+        "images_per_rank": per_rank,
+        **{k: round(v, 3) for k, v in ms.items()},
+        "syncbn_vs_bn": round(ms["syncbn"] / ms["bn"], 3),
+        "naive_speedup": round(ms["naive"] / ms["syncbn"], 3),
+    }
+
+
+def _log_row(ctx: Context, row: dict[str, Any]) -> None:
+    ctx.log.info(
+        "W=%d %-14s %-13s %-8s syncbn %.3f ms  insitu %.3f  local %.3f  comm %.3f  naive %.3f  "
+        "insitu_ratio %.3f  naive_speedup %.2f  ops %d",
+        *(row[k] for k in ("world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm")),
+        *(row[k] for k in ("naive", "insitu_ratio", "naive_speedup", "ops_syncbn")),
     )
-    result["saved_MB_naive"] = saved_bytes(lambda: naive_sync_bn(x, weight, bias, group)) / 2**20
-    return result
 
 
 def bench(ctx: Context) -> None:
@@ -158,43 +314,24 @@ def bench(ctx: Context) -> None:
     skipped = [w for w in cfg["world_sizes"] if w > ctx.world_size]
     # new_group is collective over the world: build every group on every rank, in the same order.
     groups = {w: dist.new_group(list(range(w))) for w in sizes}
-    rows = []
+    rows, network = [], []
     for w in sizes:
         if ctx.rank < w:
             for case in _cases(cfg):
-                result = _time_case(ctx, case, groups[w], w, cfg["rounds"], cfg["warmup"])
-                floor = result["local"] + result["comm"]
-                row = {
-                    "world_size": w,
-                    "shape": "x".join(map(str, case["shape"])),
-                    "format": case["format"],
-                    "dtype": case["dtype"],
-                    **{k: round(v, 4) for k, v in result.items()},
-                    "floor_ratio": round(result["syncbn"] / floor, 3),
-                    "naive_speedup": round(result["naive"] / result["syncbn"], 3),
-                }
-                rows.append(row)
+                rows.append(_time_case(ctx, case, groups[w], w, cfg["rounds"], cfg["warmup"]))
                 if ctx.is_main:
-                    ctx.log.info(
-                        "W=%d %-14s %-13s %-8s syncbn %.3f ms  local %.3f  comm %.3f  naive %.3f  "
-                        "floor_ratio %.3f  naive_speedup %.2f",
-                        w,
-                        row["shape"],
-                        row["format"],
-                        row["dtype"],
-                        row["syncbn"],
-                        row["local"],
-                        row["comm"],
-                        row["naive"],
-                        row["floor_ratio"],
-                        row["naive_speedup"],
-                    )
+                    _log_row(ctx, rows[-1])
+            for per_rank in cfg.get("network_images", []) if w > 1 else []:
+                rounds = cfg.get("network_rounds", cfg["rounds"])
+                network.append(_time_network(ctx, groups[w], w, per_rank, rounds, cfg["warmup"]))
+                if ctx.is_main:
+                    ctx.log.info("network step: %s", network[-1])
         dist.barrier()  # ranks outside this world size wait here (make bench raises launcher.timeout_s)
     if ctx.is_main:
-        _write(ctx, rows, skipped)
+        _write(ctx, rows, network, skipped)
 
 
-def _write(ctx: Context, rows: list[dict[str, Any]], skipped: list[int]) -> None:
+def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skipped: list[int]) -> None:
     from . import report
 
     run_dir = ctx.run_dir
@@ -210,12 +347,16 @@ def _write(ctx: Context, rows: list[dict[str, Any]], skipped: list[int]) -> None
         "world_sizes_skipped": skipped,
         "torch": torch.__version__,
         "rows": rows,
+        "network": network,
     }
     (run_dir / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
     _plot(run_dir, rows)
-    columns = ["world_size", "shape", "format", "dtype", "syncbn", "local", "comm", "naive"]
-    columns += ["floor_ratio", "naive_speedup", "saved_MB_syncbn", "saved_MB_local"]
+    columns = ["world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm", "naive"]
+    columns += ["insitu_ratio", "floor_ratio", "naive_speedup", "ops_syncbn", "saved_MB_syncbn"]
     ctx.log.info("\n%s", report.table(rows, columns))
+    if network:
+        table = report.table(network, list(network[0]))
+        ctx.log.info("\none training step of the model (ms per step):\n%s", table)
     if skipped:
         ctx.log.info("world sizes %s skipped: the job has only %d ranks", skipped, ctx.world_size)
 
@@ -234,7 +375,7 @@ def _plot(run_dir, rows: list[dict[str, Any]]) -> None:
         xs = range(len(sel))
         width = 0.27
         ax.bar([i - width for i in xs], [r["syncbn"] for r in sel], width, label="syncbn")
-        ax.bar(xs, [r["local"] + r["comm"] for r in sel], width, label="local + comm (floor)")
+        ax.bar(xs, [r["insitu"] for r in sel], width, label="in-situ floor")
         ax.bar([i + width for i in xs], [r["naive"] for r in sel], width, label="naive")
         ax.set_xticks(list(xs), labels, rotation=90, fontsize=6)
         ax.set_ylabel("ms per forward+backward (median)")

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from syncbn import comms
+
 from .config import ConfigError, backend_for, compose, save_config, validate
 
 
@@ -100,6 +102,7 @@ def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
         world_size=world_size,
         timeout=timeout,
     )
+    comms.set_timeout(timeout)  # SyncBN's private process group fails after the same time
     ctx = Context(
         cfg=cfg,
         run_dir=run_dir,

@@ -6,12 +6,18 @@ same layer code runs in a notebook, under gloo on a laptop and under NCCL on a c
 
 from __future__ import annotations
 
+import datetime
+import os
 from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
 ProcessGroup = Optional["dist.ProcessGroup"]
+
+_TIMEOUT: datetime.timedelta | None = None
+_DEBUG = os.environ.get("SYNCBN_DEBUG", "0") not in ("", "0")
+_PRIVATE_GROUPS: dict = {}
 
 
 def is_initialized() -> bool:
@@ -32,17 +38,52 @@ def rank(process_group: ProcessGroup = None) -> int:
     return dist.get_rank(process_group)
 
 
-_PRIVATE_GROUPS: dict = {}
+def world_token() -> Any:
+    """An object that changes whenever the default process group is (re)created; None when not distributed.
+
+    Layers key their cached group on it, so a destroyed and re-initialized world is never used stale.
+    """
+    return dist.group.WORLD if is_initialized() else None
+
+
+def set_timeout(timeout: datetime.timedelta | float | None) -> None:
+    """Tell syncbn the timeout the job gave ``init_process_group`` (a timedelta or seconds; None: torch's
+    default). SyncBN's private gloo group uses it, so a stuck SyncBN collective fails after the same time
+    as the job's own. Call it once after ``init_process_group``; groups created before keep theirs.
+    """
+    global _TIMEOUT
+    if timeout is not None and not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=float(timeout))
+    if timeout is not None and timeout.total_seconds() <= 0:
+        raise ValueError(f"syncbn.comms.set_timeout: the timeout must be positive, got {timeout}")
+    _TIMEOUT = timeout
+
+
+def timeout() -> datetime.timedelta:
+    """The timeout of SyncBN's private groups: the one given to :func:`set_timeout`, else torch's default."""
+    return _TIMEOUT if _TIMEOUT is not None else dist.default_pg_timeout
+
+
+def set_debug(enabled: bool) -> None:
+    """Debug mode (also ``SYNCBN_DEBUG=1``): before each SyncBN collective, all ranks exchange a fixed-size
+    fingerprint of it, so calls mispaired across layers of different width raise on every rank instead of
+    aborting gloo (or hanging NCCL). One extra small all-reduce per collective; set it on every rank."""
+    global _DEBUG
+    _DEBUG = bool(enabled)
+
+
+def debug() -> bool:
+    return _DEBUG
 
 
 def private_group(process_group: ProcessGroup = None) -> ProcessGroup:
     """The group SyncBN's collectives run on: for gloo, a private copy of ``process_group``.
 
-    Same ranks, same timeout. Why a copy: when one rank stops running the layers (say it is in eval mode
-    while the others train), its next collective elsewhere (DDP's gradient all-reduce) would be paired by
-    gloo with our stats all-reduce, and gloo aborts the process on the size mismatch. On separate groups
-    the ranks wait on different collectives and fail at the timeout with an error that says why. Created
-    on a layer's first synced call; NCCL groups and subgroups are used as given.
+    Same ranks; the timeout is :func:`timeout`. Why a copy: when one rank stops running the layers (say
+    it is in eval mode while the others train), its next collective elsewhere (DDP's gradient all-reduce)
+    would be paired by gloo with our stats all-reduce, and gloo aborts the process on the size mismatch.
+    On separate groups the ranks wait on different collectives and fail at the timeout with an error that
+    says why. Created on a layer's first synced call; NCCL groups and subgroups are used as given.
     """
     # Only the world group gets a copy: its first synced call is reached by every rank together. A
     # subgroup's copy would need its members to meet while the other ranks do something else, which
@@ -52,11 +93,23 @@ def private_group(process_group: ProcessGroup = None) -> ProcessGroup:
     group = dist.group.WORLD
     private = _PRIVATE_GROUPS.get(group)
     if private is None:
-        timeout = group._get_backend(torch.device("cpu")).options._timeout
         ranks = dist.get_process_group_ranks(group)
-        private = dist.new_group(ranks, timeout=timeout, backend="gloo", use_local_synchronization=True)
+        try:
+            private = dist.new_group(ranks, timeout=timeout(), backend="gloo", use_local_synchronization=True)
+        except RuntimeError as e:  # the peers never arrived: usually a rank that is not training the layer
+            raise RuntimeError(
+                f"SyncBatchNorm: setting up its process group failed on rank {rank()} of {len(ranks)} "
+                f"({type(e).__name__}: {e}). {_LIKELY_CAUSE}"
+            ) from e
         _PRIVATE_GROUPS[group] = private
     return private
+
+
+_LIKELY_CAUSE = (
+    "Likely cause: another rank did not run this layer in training mode at the same step (it skipped the "
+    "layer, was in eval mode, took another code path) or died. Every rank must call each SyncBatchNorm "
+    "layer in training mode equally often."
+)
 
 
 def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup = None) -> torch.Tensor:
@@ -66,15 +119,25 @@ def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup = None) -> 
     means the ranks stopped calling this layer in step; the error says so instead of only "timed out".
     """
     try:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+        if isinstance(process_group, dist.ProcessGroup):
+            # The group's own allreduce (what dist.all_reduce ends in), without the wrapper's per-call
+            # checks and logging: about 10 us per call, twice per layer step.
+            process_group.allreduce([tensor]).wait()
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
     except RuntimeError as e:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
         raise RuntimeError(
             f"SyncBatchNorm: all-reduce of {tensor.numel()} statistics failed on rank {rank(process_group)} "
-            f"of {world_size(process_group)}. Likely cause: another rank did not run this layer in training "
-            "mode at the same step (it skipped the layer, was in eval mode, took another code path) or died. "
-            f"Every rank must call each SyncBatchNorm layer equally often. Original error: {e}"
+            f"of {world_size(process_group)}. {_LIKELY_CAUSE} Original error: {e}"
         ) from e
     return tensor
+
+
+def gather_objects(obj: Any, process_group: ProcessGroup = None) -> list:
+    """Every rank's ``obj``, in rank order. Off the hot path: only for error messages."""
+    gathered: list = [None] * world_size(process_group)
+    dist.all_gather_object(gathered, obj, group=process_group)
+    return gathered
 
 
 def raise_on_all_ranks(local_error: str | None, process_group: ProcessGroup = None) -> NoReturn:
@@ -83,9 +146,7 @@ def raise_on_all_ranks(local_error: str | None, process_group: ProcessGroup = No
     Only called once every rank already knows that *some* rank failed (a reduced flag says so), so all
     ranks enter this exchange together; it is off the hot path and may cost two small collectives.
     """
-    messages: list = [None] * world_size(process_group)
-    dist.all_gather_object(messages, local_error, group=process_group)
-    failed = [f"rank {r}: {m}" for r, m in enumerate(messages) if m]
+    failed = [f"rank {r}: {m}" for r, m in enumerate(gather_objects(local_error, process_group)) if m]
     raise ValueError("SyncBatchNorm failed on " + "; ".join(failed or ["an unknown rank"]))
 
 
@@ -97,7 +158,7 @@ def check_num_features(
 ) -> None:
     """Check that all ranks agree on the channel count before the first stats all-reduce.
 
-    The stats vector has 2C+1 entries, so ranks that disagree on C would hand gloo buffers of different
+    The stats vector has 2C+5 entries, so ranks that disagree on C would hand gloo buffers of different
     sizes, which aborts the process (NCCL hangs instead). This fixed-size exchange (W numbers) turns that
     into a ValueError on every rank. A rank that already knows its input is bad sends -1.
     """

@@ -8,6 +8,7 @@ otherwise it is plain ``F.batch_norm`` with no collective.
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Any
 
 import torch
@@ -15,9 +16,12 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from . import comms
-from .functional import _apply, _local_batch_norm, input_error
+from .functional import _apply, _local_batch_norm, check_channels, input_error
 
 _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
+# Layer ids in construction order: the same on every rank that builds the same model, so a call tag can
+# tell layers apart without any exchange. 0 is the functional form's.
+_LAYER_IDS = itertools.count(1)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -49,8 +53,42 @@ class SyncBatchNorm(_BatchNorm):
             kwargs["bias"] = False
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
         self.process_group = comms.resolve_group(process_group)  # a ProcessGroup or a 1-D DeviceMesh
+        self._layer_id = next(_LAYER_IDS)
+        self._reset_sync_state()
+
+    def _reset_sync_state(self) -> None:
         # Set after the first synced call confirmed that all ranks agree on num_features.
         self._channels_checked = False
+        self._sync_calls = 0  # synced (training, world size > 1) calls so far: the call tag's index
+        self._sync_cache = None  # (world token, process_group, sync?, group the collectives run on)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles (deepcopy for an EMA model, torch.save) carry no process group object.
+        state = self.__dict__.copy()
+        state["_sync_cache"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_layer_id" not in state:  # pickled by an older syncbn
+            self._layer_id = next(_LAYER_IDS)
+            self._reset_sync_state()
+
+    def _sync_group(self) -> tuple[bool, Any]:
+        """(whether there is anybody to sync with, the group this layer's collectives run on).
+
+        Cached for the current world and ``process_group``, so a synced forward does not look it up again;
+        a new world (destroyed and re-initialized) starts the layer's checks and call count afresh.
+        """
+        token, cache = comms.world_token(), self._sync_cache
+        if cache is not None and cache[0] is token and cache[1] is self.process_group:
+            return cache[2], cache[3]
+        if cache is not None and cache[0] is not token:
+            self._reset_sync_state()
+        sync = comms.world_size(self.process_group) > 1
+        group = comms.private_group(self.process_group) if sync else None
+        self._sync_cache = (token, self.process_group, sync, group)
+        return sync, group
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -70,29 +108,68 @@ class SyncBatchNorm(_BatchNorm):
         running_var = self.running_var if use_running else None
 
         # Sync only in training (which always uses batch stats) with more than one rank in the group.
-        if not self.training or comms.world_size(self.process_group) == 1:
+        sync, group = self._sync_group() if self.training else (False, None)
+        if not sync:
             return _local_batch_norm(
-                input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                training=bn_training,
+                momentum=factor,
+                eps=self.eps,
             )
-
-        group = comms.private_group(self.process_group)
-        if not getattr(self, "_channels_checked", False):
-            # First synced call: a fixed-size check that every rank's layer has the same C, because the
-            # stats vector (2C+1) of mismatched ranks would abort gloo. Never repeated for this layer.
-            comms.check_num_features(
-                self.num_features, input.device, group, input_error(input, self.num_features)
-            )
-            self._channels_checked = True
-        return _apply(
+        return self._sync_apply(
             input,
             self.weight,
             self.bias,
             running_mean,
             running_var,
-            self.eps,
-            factor,
-            self.num_features,
-            group,
+            momentum=factor,
+            eps=self.eps,
+            group=group,
+        )
+
+    def _sync_apply(
+        self,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        *,
+        momentum: float,
+        eps: float,
+        group: Any,
+    ) -> Tensor:
+        """One synced call of this layer: count it, check channels on the first, run the function.
+
+        Also the entry for converted BatchNorm subclasses (syncbn.subclass), whose own forward supplies
+        the arguments.
+        """
+        call_index = self._sync_calls
+        self._sync_calls = call_index + 1  # counted on every rank before anything can fail
+        if not self._channels_checked:
+            # First synced call: a fixed-size check that every rank's layer has the same C, because the
+            # stats vector (2C+5) of mismatched ranks would abort gloo. Never repeated for this layer.
+            error = input_error(input, self.num_features)
+            check_channels(
+                self.num_features, input.device, group, error, layer_id=self._layer_id, call_index=call_index
+            )
+            self._channels_checked = True
+        return _apply(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            eps=eps,
+            momentum=momentum,
+            num_features=self.num_features,
+            process_group=group,
+            layer_id=self._layer_id,
+            call_index=call_index,
         )
 
     @classmethod

@@ -42,12 +42,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import comms
-from .functional import _apply, input_error
-from .modules import SyncBatchNorm
+from .modules import _LAYER_IDS, SyncBatchNorm
 
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 # Attributes conversion adds to a layer (the same as SyncBatchNorm's); revert removes them again.
-ADDED_ATTRIBUTES = ("process_group", "_channels_checked")
+ADDED_ATTRIBUTES = ("process_group", "_layer_id", "_channels_checked", "_sync_calls", "_sync_cache")
 # nn.Module's own containers (parameters, buffers, children, hooks): copied so the two objects share
 # tensors and children but adding a hook or a child to one does not change the other.
 _MODULE_CONTAINERS = frozenset(k for k, v in vars(nn.Module()).items() if isinstance(v, (dict, set)))
@@ -88,7 +87,8 @@ def synced_copy(layer: _BatchNorm, process_group: Any) -> nn.Module:
     """A converted copy of ``layer`` sharing its parameters, buffers and children (call ``check`` first)."""
     new = _copy_as(layer, synced_class(type(layer)), skip=())
     new.process_group = process_group
-    new._channels_checked = False
+    new._layer_id = next(_LAYER_IDS)  # in conversion order, so every rank numbers its layers alike
+    new._reset_sync_state()
     return new
 
 
@@ -163,14 +163,17 @@ class _BatchNormRoute(TorchFunctionMode):
 
 def _synced_batch_norm(layer: Any, a: dict) -> torch.Tensor:
     """The routed call: the subclass's own arguments, with global-batch statistics."""
-    x = a["input"]
-    group = comms.private_group(layer.process_group)
-    if not layer._channels_checked:
-        # First synced call of this layer: all ranks confirm the same C (see SyncBatchNorm.forward).
-        comms.check_num_features(layer.num_features, x.device, group, input_error(x, layer.num_features))
-        layer._channels_checked = True
-    rm, rv, w, b = a["running_mean"], a["running_var"], a["weight"], a["bias"]
-    return _apply(x, w, b, rm, rv, a["eps"], a["momentum"], layer.num_features, group)
+    _, group = layer._sync_group()
+    return layer._sync_apply(
+        a["input"],
+        a["weight"],
+        a["bias"],
+        a["running_mean"],
+        a["running_var"],
+        momentum=a["momentum"],
+        eps=a["eps"],
+        group=group,
+    )
 
 
 _FIX = (

@@ -43,6 +43,9 @@ def _worker(fn, rank, world_size, init_file, result_file, pg_timeout, args):
             world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
+        from syncbn import comms
+
+        comms.set_timeout(pg_timeout)  # what the launcher does: SyncBN's private group gets the same
         outcome.value = fn(rank, world_size, *args)
     except BaseException as e:  # report everything, including KeyboardInterrupt from a timeout
         outcome.error_type, outcome.error = type(e).__name__, str(e)

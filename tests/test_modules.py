@@ -123,7 +123,7 @@ def test_autocast_not_distributed():
 
 
 def _sync(x, w, b, rm=None, rv=None, momentum=0.1, eps=1e-5):
-    return _apply(x, w, b, rm, rv, eps, momentum, x.shape[1], None)
+    return _apply(x, w, b, rm, rv, eps=eps, momentum=momentum, num_features=x.shape[1], process_group=None)
 
 
 def test_sync_function_on_one_rank_matches_batchnorm(world_of_one):

@@ -24,6 +24,44 @@ def _gloo_calls(fn) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("gloo:"))
 
 
+def _aten_ops(fn) -> list:
+    """The ATen operators ``fn`` dispatches at top level (from Python and autograd, not their callees)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def top_level(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            # callees of another op, or autograd accumulating into a leaf's .grad (any layer pays that)
+            if parent.name.startswith("aten::") or "AccumulateGrad" in parent.name:
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return [e.name for e in prof.events() if e.name.startswith("aten::") and top_level(e)]
+
+
+def op_counts(rank: int, world_size: int) -> dict:
+    """ATen ops of one layer step (forward + backward), after warm-up, gradients cleared as a user's
+    zero_grad(set_to_none=True) leaves them: the per-layer dispatch cost at small batches."""
+    counts = {}
+    for name, shape, fmt in [
+        ("4x32x8x8", (4, 32, 8, 8), torch.contiguous_format),
+        ("4x32x8x8-channels_last", (4, 32, 8, 8), torch.channels_last),
+        ("64x512", (64, 512), torch.contiguous_format),
+        ("8x64x32x32", (8, 64, 32, 32), torch.contiguous_format),
+    ]:
+        layer = SyncBatchNorm(shape[1])
+        x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(True)
+        dy = torch.randn(shape).contiguous(memory_format=fmt)
+        for _ in range(3):
+            x.grad = layer.weight.grad = layer.bias.grad = None
+            layer(x).backward(dy)
+        x.grad = layer.weight.grad = layer.bias.grad = None
+        counts[name] = _aten_ops(lambda layer=layer, x=x, dy=dy: layer(x).backward(dy))
+    return counts
+
+
 def count_collectives(rank: int, world_size: int) -> dict:
     layer = SyncBatchNorm(4)
     counts = {"forward": [], "backward": []}
@@ -154,6 +192,7 @@ def run_all(rank: int, world_size: int) -> dict:
         "gradcheck": gradcheck_sync(rank, world_size),
         "autocast": autocast_and_half(rank, world_size),
         "no_input_grad": no_input_grad(rank, world_size),
+        "ops": op_counts(rank, world_size),
     }
 
 
@@ -203,3 +242,17 @@ def test_backward_collective_does_not_depend_on_input_requires_grad(results):
     for r in results:
         assert r["no_input_grad"]["calls"] == 1
         assert r["no_input_grad"]["grad_weight"] < 1e-10
+
+
+# ATen ops per layer step (forward + backward) on CPU. Was ~60; what remains: the module's counter, the
+# shifted local moments (stability), the payload with its tag, the float64 combine, running stats,
+# normalization, and backward's reduce, payload and two-kernel input gradient. Large inputs trade a few
+# dispatches for fewer passes over the activation.
+MAX_OPS = {"4x32x8x8": 23, "4x32x8x8-channels_last": 23, "64x512": 23, "8x64x32x32": 29}
+
+
+def test_aten_ops_per_layer_step(results):
+    for r in results:
+        for name, ops in r["ops"].items():
+            assert len(ops) <= MAX_OPS[name], f"{name}: {len(ops)} ops > {MAX_OPS[name]}: {ops}"
+    assert results[0]["ops"] == results[1]["ops"]  # the same work on every rank

@@ -119,3 +119,41 @@ def test_every_rank_raises_the_same_clear_error(world_size, tmp_path):
         if "disagree" not in fragments[0] and name.startswith(("rank1d", "wrong", "integer", "later")):
             assert all(f"rank {world_size - 1}" in results[name][1] for results in per_rank), name
     assert all(results["still_works"][1] == "(4, 3, 5)" for results in per_rank)
+
+
+def kernel_failure(rank: int, world_size: int) -> dict:
+    """A kernel that fails on one rank only (out of memory, say) still joins the collective and the error
+    reaches every rank, in forward and in backward, instead of leaving the others waiting."""
+    from syncbn import kernels
+
+    out = {}
+    for name, attr in (("forward", "pack_moments"), ("backward", "reduce_grads")):
+        layer = SyncBatchNorm(3)
+        layer(torch.randn(4, 3, 2)).sum().backward()  # past the first-call check
+        real = getattr(kernels, attr)
+
+        def fail(*args, attr=attr, **kwargs):
+            raise RuntimeError(f"simulated {attr} failure")
+
+        if rank == 1:
+            setattr(kernels, attr, fail)
+        try:
+            layer(torch.randn(4, 3, 2)).sum().backward()
+            out[name] = ("none", "")
+        except Exception as e:
+            out[name] = (type(e).__name__, str(e))
+        finally:
+            setattr(kernels, attr, real)
+    return out
+
+
+def test_a_kernel_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    for r in values(spawn(kernel_failure, 2, tmp_path, timeout=60)):
+        assert r["forward"] == (
+            "ValueError",
+            "SyncBatchNorm failed on rank 1: RuntimeError: simulated pack_moments failure",
+        )
+        assert r["backward"] == (
+            "ValueError",
+            "SyncBatchNorm failed on rank 1: RuntimeError: simulated reduce_grads failure",
+        )

@@ -1,0 +1,281 @@
+"""The per-rank arithmetic of SyncBatchNorm around its two all-reduces, on CPU and on CUDA.
+
+Few and large ATen calls: at small batches a layer step costs what it dispatches, so every constant
+(payload buffer, its views, tag rows) is built once per layer and reused. Every function here is plain
+tensors in, tensors out; the collectives and checks live in :mod:`syncbn.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import pairing
+
+_native_bn_backward = torch.ops.aten.native_batch_norm_backward
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are float64 for float64 input and float32 otherwise (half inputs keep float32 stats)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Workspace:
+    """One layer's float64 payload ``[data (2, C) | count | b, b^2 | a, a^2]`` and fixed views of it.
+
+    Forward and backward payloads of a layer have the same length, so a rank that skipped a backward
+    meets a same-size payload and the tag (not gloo) reports it. Reused across calls: everything a call
+    keeps (saved stats, output, grads) is a fresh tensor, never a view of this buffer.
+    """
+
+    def __init__(self, num_features: int, device: torch.device) -> None:
+        c = num_features
+        self.payload = torch.zeros(2 * c + pairing.TAIL, dtype=torch.float64, device=device)
+        self.data = self.payload[: 2 * c].view(2, c)  # forward: sum x, sum x^2; backward: sum dy, sum dy*xhat
+        self.first, self.second = self.data.unbind()
+        self.scaled = self.payload[: 2 * c + 1]  # the data and the count slot
+        self.tail = self.payload[2 * c :]
+        self.count_slot = self.payload[2 * c : 2 * c + 1]
+        self._host_tail = _host_view(self.tail)
+        self._shaped: dict[int, tuple[Tensor, Tensor]] = {}
+        self._ones: dict[torch.dtype, Tensor] = {}
+        self._scratch: dict[torch.dtype, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def rows_as(self, ndim: int) -> tuple[Tensor, Tensor]:
+        """Both data rows viewed as (1, C, 1, ...), to combine with per-channel views of (N, C, *) input."""
+        views = self._shaped.get(ndim)
+        if views is None:
+            shape = (1, -1) + (1,) * (ndim - 2)
+            views = self._shaped[ndim] = (self.first.view(shape), self.second.view(shape))
+        return views
+
+    def read_tail(self) -> list[float]:
+        """The payload tail on the host: the one device sync of a pass on CUDA, no dispatch on CPU."""
+        return self._host_tail.tolist() if self._host_tail is not None else self.tail.tolist()
+
+    def ones(self, dtype: torch.dtype) -> Tensor:
+        ones = self._ones.get(dtype)
+        if ones is None:
+            ones = self._ones[dtype] = torch.ones_like(self.first, dtype=dtype)
+        return ones
+
+    def scratch(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """A (2, C) buffer and its two rows, for values used within one call only."""
+        entry = self._scratch.get(dtype)
+        if entry is None:
+            buf = torch.zeros_like(self.data, dtype=dtype)
+            entry = self._scratch[dtype] = (buf, *buf.unbind())
+        return entry
+
+
+def _host_view(t: Tensor):
+    # A numpy view of a CPU tensor reads without an ATen dispatch (two per read with tolist()).
+    if t.device.type != "cpu":
+        return None
+    try:
+        return t.numpy()
+    except (ImportError, RuntimeError):  # numpy is optional for torch
+        return None
+
+
+_WORKSPACES: dict = {}
+
+
+def workspace(layer_id: int, num_features: int, device: torch.device) -> Workspace:
+    key = (layer_id, num_features, device)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        if len(_WORKSPACES) > 4096:  # layers come and go (tests, notebooks): keep the cache bounded
+            _WORKSPACES.clear()
+        ws = _WORKSPACES[key] = Workspace(num_features, device)
+    return ws
+
+
+def _shift_view(x: Tensor) -> Tensor:
+    # x[0, :, 0, ...] as a (1, C, 1, ...) view in one op: a per-channel sample of this rank's data
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    return x.as_strided(shape, (0, x.stride(1)) + (0,) * (x.dim() - 2), x.storage_offset())
+
+
+def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) -> None:
+    """Write this rank's forward payload ``[sum x, sum x^2, n | tag]`` (float64) into ``ws.payload``.
+
+    CPU: moments about a shift (this rank's first value per channel, so |mean| >> std costs no digits),
+    moved back about zero in float64. CUDA: the native Welford kernel. ``x`` is non-empty and valid.
+    """
+    n, shift = x.numel() // x.shape[1], None
+    if x.is_cuda:
+        mean, invstd = torch.batch_norm_stats(x, 0.0)
+        # With eps=0, var = invstd^-2, except that the kernel reports invstd=0 (not inf) for a constant
+        # channel, whose variance is 0.
+        var = torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))
+    elif x.numel() >= LARGE and x.dim() > 2 and x.is_contiguous():
+        # batch_norm_update_stats accumulates NCHW float32 in float64, unvectorized: plain sums are faster
+        _pack_shifted_sums(x, ws, count_row, code_row)
+        return
+    else:
+        moments = _unshifted_moments(x) if x.numel() >= LARGE else None
+        if moments is None:
+            shift = _shift_view(x)
+            # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
+            centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
+            moments = torch.batch_norm_update_stats(centred, None, None, 0.0)
+        mean, var = moments
+    torch.cat([mean, var, count_row, code_row], out=ws.payload)
+    if shift is not None:
+        ws.rows_as(x.dim())[0].add_(shift)  # float64 mean = shift + mean about the shift
+    ws.second.addcmul_(ws.first, ws.first)  # E[x^2] = var + mean^2, in float64
+    ws.scaled.mul_(n)  # sums and count: [n mean, n E[x^2], n]
+
+
+# From this size on, passes over the activation cost more than dispatches (measured on CPU).
+LARGE = 1 << 16
+
+
+def _unshifted_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(mean, var) of a large channels-last or 2-D input in one pass over ``x`` itself, when every channel
+    has |mean| <= 10 std, where the one-pass kernel loses no more than with a shift; else None (the caller
+    shifts). Saves the shifted copy, a full pass over the activation."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return None
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    if bool((mean.square() > 100.0 * var).any()):  # a CPU-only host read
+        return None
+    return mean, var
+
+
+def _pack_shifted_sums(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) -> None:
+    n, dims = x.numel() // x.shape[1], [0, *range(2, x.dim())]
+    shift = _shift_view(x)
+    # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
+    centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
+    sums = centred.sum(dims)  # about the shift, O(std) terms: float32 sums keep their digits
+    torch.cat([sums, centred.square_().sum(dims), count_row, code_row], out=ws.payload)
+    # Back to moments about zero in float64: sum x^2 = Q' + 2k S' + n k^2, sum x = S' + n k.
+    total, square = ws.rows_as(centred.dim())
+    square.addcmul_(total, shift, value=2).addcmul_(shift, shift, value=n)
+    total.add_(shift, alpha=n)
+    ws.count_slot.fill_(n)
+
+
+def pack_empty(ws: Workspace, count_row: Tensor, code_row: Tensor, count: float) -> None:
+    """A payload with zero sums: an empty rank (count 0) or a rank with bad input (count NaN)."""
+    torch.cat([count_row, code_row], out=ws.tail)
+    ws.scaled.fill_(0.0)
+    ws.count_slot.fill_(count)
+
+
+def global_stats(ws: Workspace, count: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) of the global batch from the reduced forward payload, as fresh ``dtype`` tensors."""
+    ws.data.div_(count)  # E[x], E[x^2]
+    # float64 cancellation costs ~1e-16 (mean/std)^2 of the variance; clamp the rounding below zero.
+    ws.second.addcmul_(ws.first, ws.first, value=-1).clamp_min_(0.0)
+    mean, var = ws.data.to(dtype, copy=True).unbind()
+    return mean, var
+
+
+def update_running(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    ws: Workspace,
+    *,
+    momentum: float,
+    count: float,
+) -> None:
+    """Exponential (or cumulative) update with the global mean and the unbiased global variance."""
+    unbias = count / (count - 1)
+    if (
+        running_mean is not None
+        and running_var is not None
+        and running_mean.dtype == running_var.dtype == mean.dtype
+    ):
+        # Both buffers in two dispatches: r = (1 - momentum) r + momentum * stat
+        torch._foreach_mul_([running_mean, running_var], 1.0 - momentum)
+        ones = ws.ones(mean.dtype)
+        torch._foreach_addcmul_(
+            [running_mean, running_var], [mean, var], [ones, ones], [momentum, momentum * unbias]
+        )
+        return
+    if running_mean is not None:
+        running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+    if running_var is not None:
+        running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * unbias)
+
+
+def normalize(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, *, eps: float
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` in one fused pass (weight/bias in the stats dtype)."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if x.is_cuda:
+        return torch.batch_norm_elemt(x, weight, bias, mean, (var + eps).rsqrt(), eps)
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+
+
+def reduce_grads(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, *, eps: float
+) -> tuple[Tensor, Tensor]:
+    """This rank's ``(sum dy * xhat, sum dy)`` per channel (= its local weight and bias gradients).
+
+    CPU: eval-mode native backward, whose weight/bias grads are exactly these sums (one fused pass).
+    CUDA: ``batch_norm_backward_reduce`` gives ``sum dy * (x - mean)``; scaled by invstd here.
+    """
+    if x.numel() == 0:
+        return torch.zeros_like(mean), torch.zeros_like(mean)
+    if x.is_cuda:
+        invstd = (var + eps).rsqrt()
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(
+            dy, x, mean, invstd, weight, True, False, False
+        )
+        return sum_dy_xmu * invstd, sum_dy
+    _, sum_dy_xhat, sum_dy = _native_bn_backward(
+        dy, x, weight, mean, var, None, None, False, eps, [False, True, True]
+    )
+    return sum_dy_xhat, sum_dy
+
+
+def input_grad(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    ws: Workspace,
+    *,
+    count: float,
+    eps: float,
+) -> Tensor:
+    """dx = weight * invstd * (dy - sum dy / N - xhat * sum(dy * xhat) / N), from the reduced payload."""
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    if x.is_cuda:
+        # The native kernel divides by the total of the per-rank counts it is given (int32) and wants
+        # sum dy * (x - mean); torch.full fills on the device: no sync.
+        invstd = (var + eps).rsqrt()
+        sum_dy, sum_dy_xhat = ws.data.to(mean.dtype).unbind()
+        counts = torch.full((1,), count, dtype=torch.int32, device=x.device)
+        return torch.batch_norm_backward_elemt(
+            dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat / invstd, counts
+        )
+    coef, bias_row, weight_row = ws.scratch(mean.dtype)
+    if x.numel() < LARGE:
+        # Fewest dispatches: batch_norm with weight -mean(dy xhat) and bias -mean(dy) gives the two
+        # correction terms, + dy, then eval-mode native backward multiplies by invstd * weight.
+        torch.div(ws.data, -count, out=coef)
+        inner = torch.batch_norm(x, weight_row, bias_row, mean, var, False, 0.0, eps, False)
+        inner.add_(dy)
+        return _native_bn_backward(inner, x, weight, mean, var, None, None, False, eps, [True, False, False])[
+            0
+        ]
+    # Fewest passes: a = weight * invstd; batch_norm(x, -a mean(dy xhat), -a mean(dy)) + a * dy.
+    a = (var + eps).rsqrt_()
+    if weight is not None:
+        a.mul_(weight)
+    torch.mul(ws.data, a * (-1.0 / count), out=coef)
+    dx = torch.batch_norm(x, weight_row, bias_row, mean, var, False, 0.0, eps, False)
+    # Same-dtype addcmul: a float32 factor on a half tensor takes a slow, unvectorized mixed-type path.
+    a = a if a.dtype == dx.dtype else a.to(dx.dtype)
+    return dx.addcmul_(dy, a.view((1, -1) + (1,) * (x.dim() - 2)))

@@ -1,0 +1,144 @@
+"""syncbn.comms: safe without torch.distributed, the timeout it is given reaches SyncBN's private group,
+the group is cached on the layer (and renewed with a new world), debug mode from the environment."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from syncbn import SyncBatchNorm, comms
+
+from .dist import spawn, values
+
+
+@pytest.fixture
+def restore_comms():
+    saved = comms.timeout(), comms.debug()
+    yield
+    comms.set_timeout(saved[0])
+    comms.set_debug(saved[1])
+
+
+def test_not_initialized_is_a_world_of_one():
+    assert not comms.is_initialized()
+    assert comms.world_size() == 1 and comms.rank() == 0 and comms.world_token() is None
+
+
+def test_world_token_changes_with_a_new_world(tmp_path):
+    tokens = []
+    for i in range(2):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'init{i}'}", rank=0, world_size=1)
+        tokens.append(comms.world_token())
+        assert tokens[-1] is comms.world_token()
+        dist.destroy_process_group()
+    assert tokens[0] is not None and tokens[0] is not tokens[1]
+
+
+def test_timeout_defaults_to_torch_and_takes_seconds_or_timedelta(restore_comms):
+    comms.set_timeout(None)
+    assert comms.timeout() == dist.default_pg_timeout
+    comms.set_timeout(7.5)
+    assert comms.timeout() == datetime.timedelta(seconds=7.5)
+    comms.set_timeout(datetime.timedelta(minutes=2))
+    assert comms.timeout() == datetime.timedelta(minutes=2)
+    for bad in (0, -1.0, datetime.timedelta(0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            comms.set_timeout(bad)
+    assert comms.timeout() == datetime.timedelta(minutes=2)  # a rejected value changes nothing
+
+
+def test_debug_mode_from_the_environment():
+    code = "from syncbn import comms; print(comms.debug())"
+    for value, expected in (("1", "True"), ("0", "False"), ("", "False")):
+        env = {**os.environ, "SYNCBN_DEBUG": value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert out.stdout.strip() == expected, (value, out.stderr[-2000:])
+
+
+def private_group_timeout(rank: int, world_size: int) -> dict:
+    """The world group waits 30 s (the harness's pg_timeout); SyncBN's group was given 2 s by set_timeout."""
+    layer = SyncBatchNorm(3)
+    layer(torch.randn(4, 3))  # both ranks: the private group exists now
+    result = {"private_is_separate": layer._sync_cache[3] is not dist.group.WORLD}
+    if rank == 0:  # rank 1 stops syncing: rank 0's next all-reduce must fail after SyncBN's 2 s
+        start = time.monotonic()
+        try:
+            layer(torch.randn(4, 3))
+        except RuntimeError as e:
+            result["error"] = str(e)
+        result["seconds"] = time.monotonic() - start
+    dist.barrier()  # the world group is untouched by the failed private all-reduce
+    return result
+
+
+def test_the_given_timeout_reaches_the_private_group(tmp_path):
+    # tests/dist.py calls comms.set_timeout(pg_timeout) like the launcher; this worker lowers it first
+    first, second = values(spawn(_with_timeout, 2, tmp_path, 2.0, timeout=90, pg_timeout=30))
+    assert first["private_is_separate"] and second["private_is_separate"]
+    assert "Likely cause" in first["error"] and "all-reduce" in first["error"], first
+    assert 1.5 < first["seconds"] < 15, first  # 2 s, not the world group's 30 s
+
+
+def _with_timeout(rank: int, world_size: int, seconds: float) -> dict:
+    comms.set_timeout(seconds)
+    return private_group_timeout(rank, world_size)
+
+
+def group_cache(rank: int, world_size: int) -> dict:
+    """private_group is looked up on a layer's first synced call only, and again for a new process_group."""
+    calls = []
+    lookup = comms.private_group
+
+    def counting(group):
+        calls.append(group)
+        return lookup(group)
+
+    comms.private_group = counting
+    try:
+        layer = SyncBatchNorm(3)
+        for _ in range(4):
+            layer(torch.randn(4, 3)).sum().backward()
+        first = len(calls)
+        twin = copy.deepcopy(layer)  # an EMA copy: the cached process group is not carried (not copyable)
+        layer.process_group = dist.new_group([0, 1])  # convert_sync_batchnorm(process_group=...) does this
+        layer(torch.randn(4, 3))
+        layer.eval()
+        layer(torch.randn(4, 3))  # eval: no lookup, no collective
+        return {"first": first, "after_new_group": len(calls), "copy_cache": twin._sync_cache}
+    finally:
+        comms.private_group = lookup
+
+
+def test_the_group_is_cached_on_the_layer(tmp_path):
+    for r in values(spawn(group_cache, 2, tmp_path)):
+        assert r == {"first": 1, "after_new_group": 2, "copy_cache": None}, r
+
+
+def errors_on_all_ranks(rank: int, world_size: int) -> dict:
+    out = {"gathered": comms.gather_objects(f"r{rank}")}
+    try:
+        comms.raise_on_all_ranks("bad input" if rank == 1 else None)
+    except ValueError as e:
+        out["raised"] = str(e)
+    try:
+        comms.check_num_features(3 + rank, torch.device("cpu"))
+    except ValueError as e:
+        out["disagree"] = str(e)
+    return out
+
+
+def test_errors_are_raised_on_every_rank_with_every_rank_named(tmp_path):
+    for r in values(spawn(errors_on_all_ranks, 3, tmp_path)):
+        assert r["gathered"] == ["r0", "r1", "r2"]
+        assert r["raised"] == "SyncBatchNorm failed on rank 1: bad input"
+        assert "rank 0: C=3, rank 1: C=4, rank 2: C=5" in r["disagree"]
