@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from syncbn import SyncBatchNorm
 
-from .worker import Context
+from .runtime import Context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,7 +152,7 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
 
 
 def bench(ctx: Context) -> None:
-    cfg = ctx.cfg["bench"]
+    cfg = ctx.task
     torch.set_num_threads(cfg["threads"])
     sizes = [w for w in cfg["world_sizes"] if w <= ctx.world_size]
     skipped = [w for w in cfg["world_sizes"] if w > ctx.world_size]
@@ -189,7 +189,7 @@ def bench(ctx: Context) -> None:
                         row["floor_ratio"],
                         row["naive_speedup"],
                     )
-        dist.barrier()  # ranks outside this world size wait here (make bench raises launcher.timeout_s)
+        dist.barrier()  # ranks outside this world size wait here (make bench raises timeout_s)
     if ctx.is_main:
         _write(ctx, rows, skipped)
 
@@ -205,8 +205,8 @@ def _write(ctx: Context, rows: list[dict[str, Any]], skipped: list[int]) -> None
     meta = {
         "device": ctx.device.type,
         "backend": ctx.backend,
-        "threads_per_rank": ctx.cfg["bench"]["threads"],
-        "rounds": ctx.cfg["bench"]["rounds"],
+        "threads_per_rank": ctx.task["threads"],
+        "rounds": ctx.task["rounds"],
         "world_sizes_skipped": skipped,
         "torch": torch.__version__,
         "rows": rows,

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from .test_launch import ROOT, _env, run
+from .jobs import ROOT, clean_env, run
 
 pytestmark = pytest.mark.multiprocess
 
 # 256 samples over 2 ranks, 2 per step: 64 steps per epoch, 128 in all.
-LONG_SMOKE = ["experiment=smoke", "data.train.size=256", "train.batch_size=2", "train.epochs=2"]
+LONG_SMOKE = ["experiment=smoke", "data.train.size=256", "task.batch_size=2", "task.epochs=2"]
 
 
 def test_killed_worker_restarts_and_resumes_without_losing_a_step(tmp_path):
@@ -32,11 +32,11 @@ def test_killed_worker_restarts_and_resumes_without_losing_a_step(tmp_path):
             "-m",
             "launch.run",
             *LONG_SMOKE,
-            "train.checkpoint_every=5",
+            "task.checkpoint_every=5",
             "launcher.max_restarts=1",
-            "fault.kind=kill",
-            "fault.rank=1",
-            "fault.step=23",
+            "task.fault.kind=kill",
+            "task.fault.rank=1",
+            "task.fault.step=23",
             f"hydra.run.dir={tmp_path / 'crashed'}",
         ],
         timeout=150,
@@ -66,9 +66,9 @@ def test_rank_that_stops_syncing_fails_the_job_within_the_timeout(tmp_path):
             "-m",
             "launch.run",
             *LONG_SMOKE,
-            "launcher.timeout_s=6",
-            "fault.kind=eval",
-            "fault.step=5",
+            "timeout_s=6",
+            "task.fault.kind=eval",
+            "task.fault.step=5",
             f"hydra.run.dir={tmp_path}",
         ],
         timeout=120,
@@ -101,9 +101,9 @@ def _tree(pid: int) -> set[int]:
 def test_local_job_listens_on_loopback_only(tmp_path):
     secret = "s3cr3t-value-that-must-not-be-logged"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.run", *LONG_SMOKE, "train.epochs=30", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "launch.run", *LONG_SMOKE, "task.epochs=30", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT,
-        env=_env() | {"MY_API_TOKEN": secret},
+        env=clean_env() | {"MY_API_TOKEN": secret},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
