@@ -22,7 +22,7 @@ _HANDS_OFF |= {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-
 _PRINT_ONLY = {"-c", "--cfg", "-i", "--info", "-p", "--package", "--resolve"}
 
 
-def preflight(argv: list[str], cuda_available: bool) -> None:
+def preflight(argv: list[str], cuda_available: bool | None = None) -> None:
     """Raise ConfigError if any job of ``launch.run <argv>`` has a config it cannot run with."""
     found = [name for name in ELASTIC_ENV if name in os.environ]
     if found:

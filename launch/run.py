@@ -21,7 +21,6 @@ from .validate import validate
 
 def launch(cfg) -> None:
     """The Hydra task function: runs once per job (once per sweep point under --multirun)."""
-    import torch
     from hydra.core.hydra_config import HydraConfig
 
     from . import agent
@@ -29,7 +28,7 @@ def launch(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved = resolve(cfg)
     try:  # preflight has checked this already, unless a flag it leaves to Hydra (-cd, -cn) was given
-        validate(resolved, cuda_available=torch.cuda.is_available(), world_size=fixed_world_size(resolved))
+        validate(resolved, world_size=fixed_world_size(resolved))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -41,14 +40,13 @@ def launch(cfg) -> None:
 
 def main() -> None:
     import hydra
-    import torch
 
     from . import schema
     from .preflight import preflight
 
     try:
         config_path = str(conf_dir())
-        preflight(sys.argv[1:], torch.cuda.is_available())
+        preflight(sys.argv[1:])
     except ConfigError as e:  # one clear line, no traceback wall, no run directory left behind
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

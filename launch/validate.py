@@ -14,8 +14,13 @@ from . import schema
 from .config import ConfigError, parse_nnodes
 
 
-def validate(cfg: dict[str, Any], *, cuda_available: bool, world_size: int | None) -> None:
-    """Raise ConfigError for the first bad value; ``world_size`` None when only known at rendezvous."""
+def validate(cfg: dict[str, Any], *, world_size: int | None, cuda_available: bool | None = None) -> None:
+    """Raise ConfigError for the first bad value.
+
+    ``world_size`` is None when only the rendezvous knows it (an elastic node range); ``cuda_available``
+    None asks torch, which is imported only for device=cuda (a rejected config fails in a fraction of a
+    second instead of after torch's import).
+    """
     _runtime(cfg, cuda_available)
     _launcher(cfg["launcher"])
     _norm(cfg["norm"], world_size)
@@ -45,14 +50,20 @@ def _at_least(key: str, value: Any, low: float, *, strict: bool = False) -> None
         raise ConfigError(f"{key} must be {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
-def _runtime(cfg: dict[str, Any], cuda_available: bool) -> None:
-    if cfg["device"] == "cuda" and not cuda_available:
+def _runtime(cfg: dict[str, Any], cuda_available: bool | None) -> None:
+    if cfg["device"] == "cuda" and not (_torch_sees_cuda() if cuda_available is None else cuda_available):
         raise ConfigError("device=cuda but CUDA is not available on this machine; use device=cpu (gloo)")
     if backend_for(cfg) == "nccl" and cfg["device"] != "cuda":
         raise ConfigError("backend=nccl needs device=cuda; CPU tensors need gloo")
     if cfg["threads"] is not None:
         _at_least("threads", cfg["threads"], 1)
     _at_least("timeout_s", cfg["timeout_s"], 0, strict=True)
+
+
+def _torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _launcher(launcher: dict[str, Any]) -> None:

@@ -35,8 +35,6 @@ def run_worker(cfg: dict[str, Any], run_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry for external launchers (torchrun, srun torchrun, Kubeflow): compose and check the config here."""
-    import torch
-
     overrides = sys.argv[1:] if argv is None else argv
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         sys.exit(
@@ -48,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     try:
         cfg = compose([f"launcher.run_dir='outputs/torchrun/{run_id}'", *overrides])
-        validate(cfg, cuda_available=torch.cuda.is_available(), world_size=int(os.environ["WORLD_SIZE"]))
+        validate(cfg, world_size=int(os.environ["WORLD_SIZE"]))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

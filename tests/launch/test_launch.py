@@ -24,7 +24,8 @@ def test_train_run_writes_the_run_directory(tmp_path):
     proc = run(["-m", "launch.run", *SMOKE, f"hydra.run.dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["task"]["name"] == "train" and config["train"]["epochs"] == 2  # resolved snapshot
+    assert config["task"]["name"] == "train" and config["task"]["epochs"] == 2  # resolved snapshot
+    assert config["launcher"]["run_dir"] == str(out)  # the directory the job really wrote to
     assert {p.name for p in (out / "logs").iterdir()} == {"rank0.log", "rank1.log"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
