@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import parse_nnodes
 from .loopback import is_loopback, loopback_only
 from .worker import run_worker
 
+if TYPE_CHECKING:
+    from torch.distributed.launcher.api import LaunchConfig
 
-def launch_config(launcher: dict[str, Any], run_dir: Path):
+
+def launch_config(launcher: dict[str, Any], run_dir: Path) -> LaunchConfig:
     """torch's LaunchConfig for this node, from the launcher's settings (conf/launcher/*.yaml)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig

@@ -50,7 +50,9 @@ class TrainState:
             )
         return self.samples_in_epoch // per_batch
 
-    def record_batch(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, batch_size: int):
+    def record_batch(
+        self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, batch_size: int
+    ) -> None:
         """Count one optimizer step on a global batch of ``batch_size`` x world size samples."""
         self.step += 1
         self.samples_in_epoch += batch_size * self.world_size
@@ -60,6 +62,7 @@ class TrainState:
         )
 
     def finish_epoch(self) -> None:
+        """The epoch is done: the data position and the epoch's metrics start over."""
         self.epoch += 1
         self.samples_in_epoch = 0
         self.epoch_sums.zero_()
