@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launch.config import compose, fixed_world_size
 from launch.validate import validate
@@ -90,14 +91,14 @@ def test_every_readme_command_is_covered():
 
 
 def _fresh_env() -> dict:
-    """A login shell's environment: no venv active, no launcher variables, no PYTHONPATH."""
+    """A login shell's environment: no venv active, nothing from pytest, make or a launcher.
+
+    Only the basics a login shell has, plus the network-interface settings a site may export
+    (GLOO_*/NCCL_*); `make test ARGS=...` would otherwise hand its ARGS to `make run`.
+    """
+    keep = ("HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TMPDIR", "SHELL", "TERM")
+    env = {k: v for k, v in os.environ.items() if k in keep or k.startswith(("GLOO_", "NCCL_"))}
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("TORCHELASTIC", "PET_", "SLURM_", "PYTEST", "HYDRA_"))
-        and k not in ("PYTHONPATH", "VIRTUAL_ENV", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")
-    }
     env["PATH"] = os.pathsep.join(path)
     return env
 
@@ -147,6 +148,9 @@ def _assert_ran(command: str, proc: subprocess.CompletedProcess, shell: ReadmeSh
         return
     if command.startswith("torchrun"):  # the worker prints no outputs line; its run dir follows the job id
         runs = [p for p in shell.created() if p.parent == ROOT / "outputs" / "torchrun"]
+        result = json.loads((runs[0] / "check.json").read_text())
+        assert result["world_size"] == 2 and result["backend"] == "gloo"
+        assert yaml.safe_load((runs[0] / "config.yaml").read_text())["task"]["name"] == "check"
     assert runs and all((run / "config.yaml").is_file() for run in runs), proc.stdout[-2000:]
     for run in runs:
         if (run / "check.json").exists():
@@ -155,8 +159,10 @@ def _assert_ran(command: str, proc: subprocess.CompletedProcess, shell: ReadmeSh
             assert json.loads((run / "bench.json").read_text())["rows"]
         else:
             assert json.loads((run / "summary.json").read_text())["steps"] > 0
-    if "-m experiment=small_batch" in command:
-        assert sorted(json.loads((r / "summary.json").read_text())["norm"] for r in runs) == ["bn", "syncbn"]
+    if "-m experiment=small_batch" in command:  # one run per norm, both with one image per device
+        summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+        assert sorted(s["norm"] for s in summaries) == ["bn", "syncbn"]
+        assert all(s["batch_size"] == 1 for s in summaries)
     if "norm.group_size=2" in command:
         assert json.loads((runs[0] / "summary.json").read_text())["group_size"] == 2
 

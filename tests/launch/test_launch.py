@@ -167,27 +167,6 @@ def test_group_size_through_the_launcher(tmp_path):
     assert result["passed"] and result["world_size"] == 4 and result["group_size"] == 2
 
 
-def test_experiment_multirun_sweeps_norm(tmp_path):
-    proc = run(
-        [
-            "-m",
-            "launch.run",
-            "-m",
-            "experiment=small_batch",
-            "data=synthetic",
-            "data.train.size=32",
-            "data.test.size=16",
-            "task.epochs=1",
-            f"hydra.sweep.dir={tmp_path}",
-        ],
-        timeout=160,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
-    assert sorted(s["norm"] for s in summaries) == ["bn", "syncbn"]
-    assert all(s["batch_size"] == 1 for s in summaries)
-
-
 def test_bench_smoke_writes_its_outputs(tmp_path):
     """Crash test only: timing figures are never asserted in the test suite."""
     proc = run(

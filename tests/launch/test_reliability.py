@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .jobs import ROOT, clean_env, run
+from .jobs import ROOT, SMOKE, clean_env, run
 
 pytestmark = pytest.mark.multiprocess
 
@@ -125,3 +125,20 @@ def test_local_job_listens_on_loopback_only(tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_resume_true_continues_where_the_last_run_stopped(tmp_path):
+    """task.resume=true in a reused run directory: the epochs already done are not trained again."""
+    smoke = [o for o in SMOKE if not o.startswith("task.epochs=")]
+    first = run(["-m", "launch.run", *smoke, "task.epochs=1", f"hydra.run.dir={tmp_path}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    again = run(
+        ["-m", "launch.run", *SMOKE, "task.epochs=2", "task.resume=true", f"hydra.run.dir={tmp_path}"]
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from_steps"] == [steps] and summary["steps"] == 2 * steps
+    assert "resumed from checkpoint at step" in (tmp_path / "logs" / "rank1.log").read_text()
+    rows = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2]
