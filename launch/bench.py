@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from syncbn import SyncBatchNorm, convert_sync_batchnorm
 
-from .worker import Context
+from .runtime import Context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -308,7 +308,7 @@ def _log_row(ctx: Context, row: dict[str, Any]) -> None:
 
 
 def bench(ctx: Context) -> None:
-    cfg = ctx.cfg["bench"]
+    cfg = ctx.task
     torch.set_num_threads(cfg["threads"])
     sizes = [w for w in cfg["world_sizes"] if w <= ctx.world_size]
     skipped = [w for w in cfg["world_sizes"] if w > ctx.world_size]
@@ -321,12 +321,12 @@ def bench(ctx: Context) -> None:
                 rows.append(_time_case(ctx, case, groups[w], w, cfg["rounds"], cfg["warmup"]))
                 if ctx.is_main:
                     _log_row(ctx, rows[-1])
-            for per_rank in cfg.get("network_images", []) if w > 1 else []:
-                rounds = cfg.get("network_rounds", cfg["rounds"])
+            for per_rank in cfg["network_images"] if w > 1 else []:
+                rounds = cfg["network_rounds"]
                 network.append(_time_network(ctx, groups[w], w, per_rank, rounds, cfg["warmup"]))
                 if ctx.is_main:
                     ctx.log.info("network step: %s", network[-1])
-        dist.barrier()  # ranks outside this world size wait here (make bench raises launcher.timeout_s)
+        dist.barrier()  # ranks outside this world size wait here (make bench raises timeout_s)
     if ctx.is_main:
         _write(ctx, rows, network, skipped)
 
@@ -342,8 +342,8 @@ def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skippe
     meta = {
         "device": ctx.device.type,
         "backend": ctx.backend,
-        "threads_per_rank": ctx.cfg["bench"]["threads"],
-        "rounds": ctx.cfg["bench"]["rounds"],
+        "threads_per_rank": ctx.task["threads"],
+        "rounds": ctx.task["rounds"],
         "world_sizes_skipped": skipped,
         "torch": torch.__version__,
         "rows": rows,

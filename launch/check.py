@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from syncbn import SyncBatchNorm
+from syncbn.testing import compare_step, reference_batch_norm, rows_of
 
-from .worker import Context, sync_group
+from .runtime import Context, sync_group
 
 
 def uneven_splits(total: int, parts: int) -> list[int]:
@@ -27,50 +28,23 @@ def uneven_splits(total: int, parts: int) -> list[int]:
     return sizes
 
 
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    if want.numel() == 0:
-        return 0.0
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
-
-
-def _compare(ctx: Context, group) -> float:
-    k = ctx.cfg["check"]
-    channels, spatial = k["channels"], list(k["spatial"])
+def _max_error(ctx: Context, group) -> float:
+    """Largest relative error of this rank's SyncBN against float64 BatchNorm on its group's whole batch."""
+    settings = ctx.task
+    shape = [settings["global_batch"], settings["channels"], *settings["spatial"]]
     group_size = dist.get_world_size(group) if group is not None else ctx.world_size
     group_rank = dist.get_rank(group) if group is not None else ctx.rank
-    group_index = ctx.rank // group_size
-    splits = uneven_splits(k["global_batch"], group_size)
-    start = sum(splits[:group_rank])
-    rows = slice(start, start + splits[group_rank])
-    gen = torch.Generator().manual_seed(ctx.cfg["seed"] + group_index)  # one global batch per group
-    layer = SyncBatchNorm(channels, process_group=group, device=ctx.device, dtype=torch.float64)
-    ref = (
-        torch.nn.BatchNorm2d(channels, device=ctx.device, dtype=torch.float64) if len(spatial) == 2 else None
-    )
-    ref = ref or torch.nn.BatchNorm1d(channels, device=ctx.device, dtype=torch.float64)
+    rows = rows_of(group_rank, uneven_splits(shape[0], group_size))
+    # One seeded global batch per sync group: the groups are independent jobs.
+    gen = torch.Generator().manual_seed(ctx.cfg["seed"] + ctx.rank // group_size)
+    layer = SyncBatchNorm(shape[1], process_group=group, device=ctx.device, dtype=torch.float64)
+    reference = reference_batch_norm(len(shape), shape[1], device=ctx.device)
     worst = 0.0
-    for _ in range(k["steps"]):
-        shape = [k["global_batch"], channels, *spatial]
-        xg = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).to(ctx.device)
-        dyg = torch.randn(shape, generator=gen, dtype=torch.float64).to(ctx.device)
-        x = xg[rows].clone().requires_grad_(True)
-        y = layer(x)
-        y.backward(dyg[rows])
-        xr = xg.clone().requires_grad_(True)
-        yr = ref(xr)
-        yr.backward(dyg)
-        grad_w = layer.weight.grad.clone()
-        dist.all_reduce(grad_w, group=group)  # weight grads are local; their group sum is the batch's
-        worst = max(
-            worst,
-            _rel_err(y, yr[rows]),
-            _rel_err(x.grad, xr.grad[rows]),
-            _rel_err(grad_w, ref.weight.grad),
-            _rel_err(layer.running_mean, ref.running_mean),
-            _rel_err(layer.running_var, ref.running_var),
-        )
-        layer.weight.grad = ref.weight.grad = None
-        layer.bias.grad = ref.bias.grad = None
+    for _ in range(settings["steps"]):
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).to(ctx.device)
+        dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(ctx.device)
+        _, errors = compare_step(layer, reference, x, dy, rows, process_group=group)
+        worst = max(worst, *errors.values())
     return worst
 
 
@@ -90,9 +64,9 @@ def _all_reduce_latency_us(ctx: Context, numel: int, iters: int) -> float:
 
 
 def check(ctx: Context) -> None:
-    c = ctx.cfg["check"]
+    c = ctx.task
     group = sync_group(ctx)
-    err = torch.tensor([_compare(ctx, group)], dtype=torch.float64, device=ctx.device)
+    err = torch.tensor([_max_error(ctx, group)], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)  # the verdict is the same on every rank
     max_err = err.item()
     latency = _all_reduce_latency_us(ctx, 2 * c["channels"] + 1, c["comm_iters"])
@@ -102,7 +76,7 @@ def check(ctx: Context) -> None:
         "backend": ctx.backend,
         "device": ctx.device.type,
         "world_size": ctx.world_size,
-        "group_size": ctx.cfg["syncbn"]["group_size"] or ctx.world_size,
+        "group_size": ctx.cfg["norm"].get("group_size") or ctx.world_size,
         "max_error": max_err,
         "tolerance": c["tol"],
         "allreduce_numel": 2 * c["channels"] + 1,

@@ -1,7 +1,7 @@
-"""Finding, composing and checking the run configuration.
+"""Finding, composing and saving the run configuration; Hydra's errors as one line.
 
-conf/ is found however the project is installed (source checkout, editable, wheel, Docker image); checks on
-user-given values raise ConfigError, which the entry points print as one line and exit non-zero.
+conf/ is found however the project is installed (source checkout, editable, wheel, Docker image). Everything
+a user can get wrong raises ConfigError, which the entry points print as one ``error:`` line and exit 2.
 """
 
 from __future__ import annotations
@@ -11,6 +11,17 @@ from pathlib import Path
 from typing import Any
 
 CONF_ENV = "SYNCBN_CONF_DIR"
+
+# Keys this project used to have, and where they live now: named in the error for the old spelling.
+MOVED = {
+    "train.*": "task.*",
+    "fault.*": "task.fault.*",
+    "check.*": "task.*",
+    "bench.*": "task.*",
+    "syncbn.group_size": "norm.group_size",
+    "launcher.timeout_s": "timeout_s",
+    "run_dir": "launcher.run_dir",
+}
 
 
 class ConfigError(ValueError):
@@ -29,15 +40,59 @@ def conf_dir() -> Path:
     raise ConfigError(f"cannot find the syncbn config folder (config.yaml); tried {tried}; set {CONF_ENV}")
 
 
+def one_line(error: Exception, overrides: list[str] = ()) -> str:
+    """Hydra's and OmegaConf's multi-line errors as one line: what failed, then why."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[0].rstrip(".") if lines else type(error).__name__
+    if isinstance(error, OverrideParseException):
+        message = f"cannot parse override {error.override!r}: {message.split(': See ')[0]}"
+    elif isinstance(error, MissingConfigException) and error.options:
+        message += f" (options: {', '.join(sorted(error.options))})"
+    elif error.__cause__ is not None and str(error.__cause__).strip():
+        message += ": " + str(error.__cause__).strip().splitlines()[0]
+    elif len(lines) > 1 and not isinstance(error, MissingConfigException):
+        message += ": " + lines[1]
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        for old, new in MOVED.items():
+            if key == old or (old.endswith("*") and key.startswith(old[:-1])):
+                return f"{message} ({old} is now {new}; see the README's configuration keys)"
+    return message
+
+
 def compose(overrides: list[str]) -> dict[str, Any]:
-    """Compose and resolve the config with Hydra's Compose API (for workers started by torchrun/srun)."""
+    """Compose and resolve the config with Hydra's Compose API (no run directory, no logging set up).
+
+    Type errors, unknown keys and unknown options raise ConfigError with Hydra's reason on one line.
+    """
+    return resolve(compose_raw(overrides), overrides)
+
+
+def compose_raw(overrides: list[str], *, hydra_keys: bool = False):
+    """The composed DictConfig, unresolved; ``hydra_keys`` keeps the ``hydra`` node (sweeper settings)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+
+    from . import schema
+
+    schema.register()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_keys)
+    except Exception as e:  # Hydra and OmegaConf errors: a user's typo, never a bug to trace back
+        raise ConfigError(one_line(e, overrides)) from None
+
+
+def resolve(cfg, overrides: list[str] = ()) -> dict[str, Any]:
+    """The composed config as a plain dict: interpolations resolved (once), enums as their names."""
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception as e:  # a missing value, an environment variable of the wrong type, ...
+        raise ConfigError(one_line(e, overrides)) from None
 
 
 def parse_nnodes(value: Any) -> tuple[int, int]:
@@ -53,37 +108,11 @@ def parse_nnodes(value: Any) -> tuple[int, int]:
     return lo, hi
 
 
-def validate(cfg: dict[str, Any], cuda_available: bool) -> None:
-    """Check what would otherwise fail late, on every worker, with a worse message."""
+def fixed_world_size(cfg: dict[str, Any]) -> int | None:
+    """The job's world size when the launcher fixes it; None for an elastic MIN:MAX node range."""
     launcher = cfg["launcher"]
-    nproc = launcher["nproc_per_node"]
-    if not isinstance(nproc, int) or nproc < 1:
-        raise ConfigError(f"launcher.nproc_per_node must be an integer >= 1, got {nproc!r}")
-    _, max_nodes = parse_nnodes(launcher["nnodes"])
-    if max_nodes > 1 and str(launcher["rdzv_endpoint"]).rpartition(":")[2] in ("", "0"):
-        raise ConfigError(
-            f"launcher.nnodes={launcher['nnodes']} needs a fixed rendezvous port that every node can reach, "
-            f"got launcher.rdzv_endpoint={launcher['rdzv_endpoint']!r} (e.g. head-node:29400)"
-        )
-    if cfg["device"] not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be cpu or cuda, got {cfg['device']!r}")
-    if cfg["device"] == "cuda" and not cuda_available:
-        raise ConfigError("device=cuda but CUDA is not available on this machine; use device=cpu (gloo)")
-    if cfg["backend"] not in (None, "gloo", "nccl"):
-        raise ConfigError(f"backend must be gloo, nccl or null (= follow device), got {cfg['backend']!r}")
-    if cfg["backend"] == "nccl" and cfg["device"] != "cuda":
-        raise ConfigError("backend=nccl needs device=cuda; CPU tensors need gloo")
-    if float(launcher["timeout_s"]) <= 0:
-        raise ConfigError(f"launcher.timeout_s must be > 0, got {launcher['timeout_s']!r}")
-    group_size = cfg["syncbn"]["group_size"]
-    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
-        raise ConfigError(f"syncbn.group_size must be null or an integer >= 1, got {group_size!r}")
-    if cfg["norm"]["name"] not in ("syncbn", "bn"):
-        raise ConfigError(f"norm must be syncbn or bn, got {cfg['norm']['name']!r}")
-
-
-def backend_for(cfg: dict[str, Any]) -> str:
-    return cfg["backend"] or ("nccl" if cfg["device"] == "cuda" else "gloo")
+    low, high = parse_nnodes(launcher["nnodes"])
+    return launcher["nproc_per_node"] * high if low == high else None
 
 
 def save_config(cfg: dict[str, Any], run_dir: Path) -> Path:

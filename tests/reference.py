@@ -1,29 +1,18 @@
-"""The yardstick: single-process torch BatchNorm on the concatenated global batch, in float64."""
+"""The yardstick: single-process torch BatchNorm on the concatenated global batch, in float64.
+
+The helpers live in syncbn.testing (task=check uses them too); the tests import them from here under
+short names, next to the naive formula the numerics tests measure against.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from syncbn.testing import TOLERANCE, compare_step, rows_of
+from syncbn.testing import reference_batch_norm as reference_bn
+from syncbn.testing import relative_error as rel_err
 
-def reference_bn(ndim: int, num_features: int, **options) -> nn.Module:
-    """torch's own BatchNorm1d/2d/3d for input of rank ``ndim``, in float64."""
-    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[ndim]
-    return cls(num_features, dtype=torch.float64, **options)
-
-
-def rows_of(rank: int, splits: list) -> slice:
-    """This rank's rows of the global batch when rank r holds ``splits[r]`` rows."""
-    start = sum(splits[:rank])
-    return slice(start, start + splits[rank])
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| scaled by max(1, max |want|); 0 for empty tensors."""
-    if want.numel() == 0:
-        return 0.0
-    diff = (got.double() - want.double()).abs().max().item()
-    return diff / max(1.0, want.double().abs().max().item())
+__all__ = ["TOLERANCE", "compare_step", "naive_var", "reference_bn", "rel_err", "rows_of"]
 
 
 def naive_var(x: torch.Tensor) -> torch.Tensor:

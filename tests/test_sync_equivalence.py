@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from syncbn import SyncBatchNorm
 
 from .dist import spawn, values
-from .reference import reference_bn, rel_err, rows_of
+from .reference import TOLERANCE, compare_step, reference_bn, rel_err, rows_of
 
 pytestmark = pytest.mark.multiprocess
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+SCALE = {"grad_input": 4, "grad_weight": 10, "grad_bias": 10}  # gradients sum more terms
 
 
 def make_cases(world_size: int) -> list:
@@ -83,46 +82,26 @@ def run_case(rank: int, world_size: int, case: dict, steps: int = 3) -> list:
             layer.bias.copy_(b)
             ref.bias.copy_(b)
     rows = rows_of(rank, splits)
-    tol = TOL[dtype]
+    tol = TOLERANCE[dtype]
     errors = []
 
-    def check(what, got, want, scale=1.0):
-        errors.append((case["name"], what, rel_err(got, want), tol * scale))
+    def check(what, got, want):
+        errors.append((case["name"], what, rel_err(got, want), tol))
 
     for step in range(steps):
         xg = (3 * torch.randn(shape, generator=gen, dtype=torch.float64) + 2).to(dtype)
         dyg = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-        x = xg[rows].clone()
+        fmt = torch.contiguous_format
         if case.get("cl"):
-            x = x.contiguous(memory_format=torch.channels_last if ndim == 4 else torch.channels_last_3d)
-        x.requires_grad_(True)
-        y = layer(x)
-        y.backward(dyg[rows])
-        xr = xg.double().requires_grad_(True)
-        yr = ref(xr)
-        yr.backward(dyg.double())
-
-        assert y.dtype == dtype and y.shape == x.shape
-        if case.get("cl") and x.numel():
             fmt = torch.channels_last if ndim == 4 else torch.channels_last_3d
+        y, step_errors = compare_step(layer, ref, xg, dyg, rows, memory_format=fmt)
+
+        assert y.dtype == dtype and y.shape == xg[rows].shape
+        if case.get("cl") and y.numel():
             assert y.is_contiguous(memory_format=fmt), "output lost channels_last"
-        check(f"step{step}.output", y, yr[rows])
-        check(f"step{step}.grad_input", x.grad, xr.grad[rows], scale=4)
-        if layer.weight is not None:
-            gw = layer.weight.grad.clone()
-            dist.all_reduce(gw)  # weight/bias grads stay local; their sum is the full-batch grad
-            check(f"step{step}.grad_weight", gw, ref.weight.grad, scale=10)
-            layer.weight.grad = None
-            ref.weight.grad = None
-        if layer.bias is not None:
-            gb = layer.bias.grad.clone()
-            dist.all_reduce(gb)
-            check(f"step{step}.grad_bias", gb, ref.bias.grad, scale=10)
-            layer.bias.grad = None
-            ref.bias.grad = None
+        for what, err in step_errors.items():
+            errors.append((case["name"], f"step{step}.{what}", err, tol * SCALE.get(what, 1)))
         if ref.running_mean is not None:
-            check(f"step{step}.running_mean", layer.running_mean, ref.running_mean)
-            check(f"step{step}.running_var", layer.running_var, ref.running_var)
             assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked)
 
     # Eval mode is local (no collective): running stats when tracked, else this rank's own batch stats,

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 from .dist import spawn, values
-from .reference import reference_bn, rel_err, rows_of
+from .reference import compare_step, reference_bn, rel_err, rows_of
 
 pytestmark = pytest.mark.multiprocess
 
@@ -77,19 +77,8 @@ def subgroups_match_per_group_batchnorm(rank: int, world_size: int) -> dict:
     xg = torch.randn(8, 4, 3, generator=gen, dtype=torch.float64)
     dyg = torch.randn(8, 4, 3, generator=gen, dtype=torch.float64)
     layer = SyncBatchNorm(4, process_group=group, dtype=torch.float64)
-    ref = reference_bn(3, 4)
-    x = xg[rows].clone().requires_grad_(True)
-    y = layer(x)
-    y.backward(dyg[rows])
-    xr = xg.clone().requires_grad_(True)
-    yr = ref(xr)
-    yr.backward(dyg)
-    return {
-        "output": rel_err(y, yr[rows]),
-        "grad_input": rel_err(x.grad, xr.grad[rows]),
-        "running_mean": rel_err(layer.running_mean, ref.running_mean),
-        "running_var": rel_err(layer.running_var, ref.running_var),
-    }
+    _, errors = compare_step(layer, reference_bn(3, 4), xg, dyg, rows, process_group=group)
+    return errors
 
 
 def test_ddp_training_matches_single_process(tmp_path):

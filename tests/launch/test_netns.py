@@ -90,7 +90,7 @@ def _job(hosts: list[dict], run_dir: Path, run_id: str, extra: list[str]) -> Non
             f"launcher.is_host={'true' if i == 0 else 'false'}",
             f"launcher.local_addr={h['ip']}",
             "launcher.join_timeout_s=60",
-            "launcher.timeout_s=60",
+            "timeout_s=60",
             f"hydra.run.dir={run_dir}",
             *([] if i == 0 else ["hydra.output_subdir=null"]),
             *extra,
@@ -116,7 +116,7 @@ def test_two_network_hosts_form_one_job(two_hosts, tmp_path):
     result = json.loads((tmp_path / "check" / "check.json").read_text())
     assert result["passed"] and result["world_size"] == 4 and result["backend"] == "gloo"
 
-    _job(two_hosts, tmp_path / "train", "netns-train", ["experiment=smoke", "train.epochs=1"])
+    _job(two_hosts, tmp_path / "train", "netns-train", ["experiment=smoke", "task.epochs=1"])
     summary = json.loads((tmp_path / "train" / "summary.json").read_text())
     assert summary["world_size"] == 4 and summary["steps"] > 0
     assert sorted(p.name for p in (tmp_path / "train" / "logs").iterdir()) == [

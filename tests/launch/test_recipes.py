@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.config import compose, parse_nnodes, validate
+from launch.config import compose, fixed_world_size, parse_nnodes
+from launch.validate import validate
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 ROOT = DOCKER.parent
@@ -34,7 +35,7 @@ def _launch_commands(text: str) -> list[list[str]]:
 
 def _check(overrides: list[str], cuda: bool = False) -> dict:
     cfg = compose(overrides)
-    validate(cfg, cuda_available=cuda)
+    validate(cfg, cuda_available=cuda, world_size=fixed_world_size(cfg))
     return cfg
 
 
@@ -79,6 +80,7 @@ def test_kubernetes_job_parses_and_composes_with_the_injected_env(monkeypatch):
     cfg = _check(container["args"])
     assert parse_nnodes(cfg["launcher"]["nnodes"]) == (2, 2)
     assert cfg["launcher"]["nproc_per_node"] == 2 and cfg["launcher"]["max_restarts"] == 3
+    assert cfg["timeout_s"] == 300
     assert (
         cfg["launcher"]["rdzv_endpoint"] == "syncbn-worker-0:29400" and cfg["launcher"]["run_id"] == "syncbn"
     )

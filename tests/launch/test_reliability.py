@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from .test_launch import ROOT, _env, run
+from .jobs import ROOT, SMOKE, clean_env, run
 
 pytestmark = pytest.mark.multiprocess
 
 # 256 samples over 2 ranks, 2 per step: 64 steps per epoch, 128 in all.
-LONG_SMOKE = ["experiment=smoke", "data.train.size=256", "train.batch_size=2", "train.epochs=2"]
+LONG_SMOKE = ["experiment=smoke", "data.train.size=256", "task.batch_size=2", "task.epochs=2"]
 
 
 def test_killed_worker_restarts_and_resumes_without_losing_a_step(tmp_path):
@@ -32,11 +32,11 @@ def test_killed_worker_restarts_and_resumes_without_losing_a_step(tmp_path):
             "-m",
             "launch.run",
             *LONG_SMOKE,
-            "train.checkpoint_every=5",
+            "task.checkpoint_every=5",
             "launcher.max_restarts=1",
-            "fault.kind=kill",
-            "fault.rank=1",
-            "fault.step=23",
+            "task.fault.kind=kill",
+            "task.fault.rank=1",
+            "task.fault.step=23",
             f"hydra.run.dir={tmp_path / 'crashed'}",
         ],
         timeout=150,
@@ -66,9 +66,9 @@ def test_rank_that_stops_syncing_fails_the_job_within_the_timeout(tmp_path):
             "-m",
             "launch.run",
             *LONG_SMOKE,
-            "launcher.timeout_s=6",
-            "fault.kind=eval",
-            "fault.step=5",
+            "timeout_s=6",
+            "task.fault.kind=eval",
+            "task.fault.step=5",
             f"hydra.run.dir={tmp_path}",
         ],
         timeout=120,
@@ -101,9 +101,9 @@ def _tree(pid: int) -> set[int]:
 def test_local_job_listens_on_loopback_only(tmp_path):
     secret = "s3cr3t-value-that-must-not-be-logged"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.run", *LONG_SMOKE, "train.epochs=30", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "launch.run", *LONG_SMOKE, "task.epochs=30", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT,
-        env=_env() | {"MY_API_TOKEN": secret},
+        env=clean_env() | {"MY_API_TOKEN": secret},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -125,3 +125,20 @@ def test_local_job_listens_on_loopback_only(tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_resume_true_continues_where_the_last_run_stopped(tmp_path):
+    """task.resume=true in a reused run directory: the epochs already done are not trained again."""
+    smoke = [o for o in SMOKE if not o.startswith("task.epochs=")]
+    first = run(["-m", "launch.run", *smoke, "task.epochs=1", f"hydra.run.dir={tmp_path}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    again = run(
+        ["-m", "launch.run", *SMOKE, "task.epochs=2", "task.resume=true", f"hydra.run.dir={tmp_path}"]
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from_steps"] == [steps] and summary["steps"] == 2 * steps
+    assert "resumed from checkpoint at step" in (tmp_path / "logs" / "rank1.log").read_text()
+    rows = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2]
