@@ -24,6 +24,17 @@ _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
 _LAYER_IDS = itertools.count(1)
 
 
+class _SyncState:
+    """Python-side state of a layer's synced calls, passed to the compute as plain values."""
+
+    __slots__ = ("calls", "channels_checked", "group", "process_group", "sync", "token")
+
+    def __init__(self, token: Any, process_group: Any, sync: bool, group: Any) -> None:
+        self.token, self.process_group, self.sync, self.group = token, process_group, sync, group
+        self.calls = 0  # synced calls so far: the call tag's index
+        self.channels_checked = False  # set once all ranks agreed on num_features
+
+
 class SyncBatchNorm(_BatchNorm):
     r"""Batch normalization over ``(N, C, *)`` input with statistics reduced across ``process_group``.
 
@@ -54,62 +65,54 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
         self.process_group = process_group
         self._layer_id = next(_LAYER_IDS)
-        self._reset_sync_state()
-
-    def _reset_sync_state(self) -> None:
-        # Set after the first synced call confirmed that all ranks agree on num_features.
-        self._channels_checked = False
-        self._sync_calls = 0  # synced (training, world size > 1) calls so far: the call tag's index
-        self._sync_cache = None  # (world token, process_group, sync?, group the collectives run on)
+        self._sync_state: _SyncState | None = None  # built on the first training call
 
     def __getstate__(self) -> dict:
-        # Copies and pickles (deepcopy for an EMA model, torch.save) carry no process group object.
+        # Copies and pickles (deepcopy for an EMA model, torch.save) carry no process group object; a
+        # copy re-resolves its group and re-checks channels on its first synced call.
         state = self.__dict__.copy()
-        state["_sync_cache"] = None
+        state["_sync_state"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_layer_id" not in state:  # pickled by an older syncbn
             self._layer_id = next(_LAYER_IDS)
-            self._reset_sync_state()
+            self._sync_state = None
 
-    def _sync_group(self) -> tuple[bool, Any]:
-        """(whether there is anybody to sync with, the group this layer's collectives run on).
-
-        Cached for the current world and ``process_group``, so a synced forward does not look it up again;
-        a new world (destroyed and re-initialized) starts the layer's checks and call count afresh.
-        """
-        token, cache = comms.world_token(), self._sync_cache
-        if cache is not None and cache[0] is token and cache[1] is self.process_group:
-            return cache[2], cache[3]
-        if cache is not None and cache[0] is not token:
-            self._reset_sync_state()
-        sync = comms.world_size(self.process_group) > 1
-        group = comms.private_group(self.process_group) if sync else None
-        self._sync_cache = (token, self.process_group, sync, group)
-        return sync, group
+    def _current_sync_state(self) -> _SyncState:
+        """This layer's sync state for the current world and ``process_group``, so a synced forward does
+        not look its group up again; a new world (destroyed and re-initialized) or a new group starts the
+        channel check and the call count afresh, on every rank alike."""
+        state, token = self._sync_state, comms.world_token()
+        if state is None or state.token is not token or state.process_group is not self.process_group:
+            sync = comms.world_size(self.process_group) > 1
+            group = comms.private_group(self.process_group) if sync else None
+            state = self._sync_state = _SyncState(token, self.process_group, sync, group)
+        return state
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"SyncBatchNorm: expected at least 2D input (N, C, *), got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
+        training, momentum, tracked = self.training, self.momentum, self.num_batches_tracked
         # Momentum and counters follow torch's _BatchNorm exactly (momentum=None: cumulative average).
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        factor = 0.0 if momentum is None else momentum
+        if training and self.track_running_stats and tracked is not None:
+            tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(tracked)
 
         # Batch stats in training, or in eval when there are no running stats to use.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        running_mean, running_var = self.running_mean, self.running_var
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
 
         # Sync only in training (which always uses batch stats) with more than one rank in the group.
-        sync, group = self._sync_group() if self.training else (False, None)
-        if not sync:
+        state = self._current_sync_state() if training else None
+        if state is None or not state.sync:
             return _local_batch_norm(
                 input,
                 running_mean,
@@ -120,16 +123,21 @@ class SyncBatchNorm(_BatchNorm):
                 momentum=factor,
                 eps=self.eps,
             )
-        call_index = self._sync_calls
-        self._sync_calls = call_index + 1  # counted on every rank before anything can fail
-        if not self._channels_checked:
+        call_index = state.calls
+        state.calls += 1  # counted on every rank before anything can fail
+        if not state.channels_checked:
             # First synced call: a fixed-size check that every rank's layer has the same C, because the
             # stats vector (2C+5) of mismatched ranks would abort gloo. Never repeated for this layer.
             error = input_error(input, self.num_features)
             check_channels(
-                self.num_features, input.device, group, error, layer_id=self._layer_id, call_index=call_index
+                self.num_features,
+                input.device,
+                state.group,
+                error,
+                layer_id=self._layer_id,
+                call_index=call_index,
             )
-            self._channels_checked = True
+            state.channels_checked = True
         return _apply(
             input,
             self.weight,
@@ -139,7 +147,7 @@ class SyncBatchNorm(_BatchNorm):
             eps=self.eps,
             momentum=factor,
             num_features=self.num_features,
-            process_group=group,
+            process_group=state.group,
             layer_id=self._layer_id,
             call_index=call_index,
         )
