@@ -19,18 +19,27 @@ from . import comms
 from .functional import _apply, _local_batch_norm, check_channels, input_error
 
 _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
-# Layer ids in construction order: the same on every rank that builds the same model, so a call tag can
-# tell layers apart without any exchange. 0 is the functional form's.
-_LAYER_IDS = itertools.count(1)
+# Layers are numbered in construction order, counted from the first layer that syncs: the same on every
+# rank that builds the same model, so a call tag can tell layers apart without any exchange, even when a
+# rank built other SyncBatchNorm layers first that never sync (say, rank 0 alone, in eval mode).
+_CONSTRUCTED = itertools.count(1)
+_FIRST_SYNCED: list = [None, 0]  # [world token, construction number of the first layer that synced]
+
+
+def _layer_id(constructed: int, token: Any) -> int:
+    if _FIRST_SYNCED[0] is not token:
+        _FIRST_SYNCED[:] = [token, constructed]
+    return constructed - _FIRST_SYNCED[1] + 1  # the first layer that syncs is #1; 0 is the functional form's
 
 
 class _SyncState:
     """Python-side state of a layer's synced calls, passed to the compute as plain values."""
 
-    __slots__ = ("calls", "channels_checked", "group", "process_group", "sync", "token")
+    __slots__ = ("calls", "channels_checked", "group", "layer_id", "process_group", "sync", "token")
 
-    def __init__(self, token: Any, process_group: Any, sync: bool, group: Any) -> None:
+    def __init__(self, token: Any, process_group: Any, sync: bool, group: Any, layer_id: int) -> None:
         self.token, self.process_group, self.sync, self.group = token, process_group, sync, group
+        self.layer_id = layer_id  # the call tag's layer number
         self.calls = 0  # synced calls so far: the call tag's index
         self.channels_checked = False  # set once all ranks agreed on num_features
 
@@ -64,7 +73,7 @@ class SyncBatchNorm(_BatchNorm):
             kwargs["bias"] = False
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
         self.process_group = process_group
-        self._layer_id = next(_LAYER_IDS)
+        self._constructed = next(_CONSTRUCTED)
         self._sync_state: _SyncState | None = None  # built on the first training call
 
     def __getstate__(self) -> dict:
@@ -76,8 +85,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if "_layer_id" not in state:  # pickled by an older syncbn
-            self._layer_id = next(_LAYER_IDS)
+        if "_constructed" not in state:  # pickled by an older syncbn
+            self._constructed = next(_CONSTRUCTED)
             self._sync_state = None
 
     def _current_sync_state(self) -> _SyncState:
@@ -88,7 +97,8 @@ class SyncBatchNorm(_BatchNorm):
         if state is None or state.token is not token or state.process_group is not self.process_group:
             sync = comms.world_size(self.process_group) > 1
             group = comms.private_group(self.process_group) if sync else None
-            state = self._sync_state = _SyncState(token, self.process_group, sync, group)
+            layer_id = _layer_id(self._constructed, token) if sync else 0
+            state = self._sync_state = _SyncState(token, self.process_group, sync, group, layer_id)
         return state
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -134,7 +144,7 @@ class SyncBatchNorm(_BatchNorm):
                 input.device,
                 state.group,
                 error,
-                layer_id=self._layer_id,
+                layer_id=state.layer_id,
                 call_index=call_index,
             )
             state.channels_checked = True
@@ -148,7 +158,7 @@ class SyncBatchNorm(_BatchNorm):
             momentum=factor,
             num_features=self.num_features,
             process_group=state.group,
-            layer_id=self._layer_id,
+            layer_id=state.layer_id,
             call_index=call_index,
         )
 
