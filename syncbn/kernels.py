@@ -14,6 +14,9 @@ from . import pairing
 
 _native_bn_backward = torch.ops.aten.native_batch_norm_backward
 
+# From this size (elements) on, passes over the activation cost more than dispatches (measured on CPU).
+LARGE = 1 << 16
+
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are float64 for float64 input and float32 otherwise (half inputs keep float32 stats)."""
@@ -25,7 +28,8 @@ class Workspace:
 
     Forward and backward payloads of a layer have the same length, so a rank that skipped a backward
     meets a same-size payload and the tag (not gloo) reports it. Reused across calls: everything a call
-    keeps (saved stats, output, grads) is a fresh tensor, never a view of this buffer.
+    keeps (saved stats, output, grads) is a fresh tensor, never a view of this buffer. Calls of one layer
+    run one after another; two threads must not run the same layer at once.
     """
 
     def __init__(self, num_features: int, device: torch.device) -> None:
@@ -126,10 +130,6 @@ def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) 
         ws.rows_as(x.dim())[0].add_(shift)  # float64 mean = shift + mean about the shift
     ws.second.addcmul_(ws.first, ws.first)  # E[x^2] = var + mean^2, in float64
     ws.scaled.mul_(n)  # sums and count: [n mean, n E[x^2], n]
-
-
-# From this size on, passes over the activation cost more than dispatches (measured on CPU).
-LARGE = 1 << 16
 
 
 def _unshifted_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -267,9 +267,8 @@ def input_grad(
         torch.div(ws.data, -count, out=coef)
         inner = torch.batch_norm(x, weight_row, bias_row, mean, var, False, 0.0, eps, False)
         inner.add_(dy)
-        return _native_bn_backward(inner, x, weight, mean, var, None, None, False, eps, [True, False, False])[
-            0
-        ]
+        mask = [True, False, False]
+        return _native_bn_backward(inner, x, weight, mean, var, None, None, False, eps, mask)[0]
     # Fewest passes: a = weight * invstd; batch_norm(x, -a mean(dy xhat), -a mean(dy)) + a * dy.
     a = (var + eps).rsqrt_()
     if weight is not None:

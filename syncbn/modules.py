@@ -19,9 +19,29 @@ from . import comms
 from .functional import _apply, _local_batch_norm, check_channels, input_error
 
 _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
-# Layer ids in construction order: the same on every rank that builds the same model, so a call tag can
-# tell layers apart without any exchange. 0 is the functional form's.
-_LAYER_IDS = itertools.count(1)
+# Layers are numbered in construction order, counted from the first layer that syncs: the same on every
+# rank that builds the same model, so a call tag can tell layers apart without any exchange, even when a
+# rank built other SyncBatchNorm layers first that never sync (say, rank 0 alone, in eval mode).
+_CONSTRUCTED = itertools.count(1)
+_FIRST_SYNCED: list = [None, 0]  # [world token, construction number of the first layer that synced]
+
+
+def _layer_id(constructed: int, token: Any) -> int:
+    if _FIRST_SYNCED[0] is not token:
+        _FIRST_SYNCED[:] = [token, constructed]
+    return constructed - _FIRST_SYNCED[1] + 1  # the first layer that syncs is #1; 0 is the functional form's
+
+
+class _SyncState:
+    """Python-side state of a layer's synced calls, passed to the compute as plain values."""
+
+    __slots__ = ("calls", "channels_checked", "group", "layer_id", "process_group", "sync", "token")
+
+    def __init__(self, token: Any, process_group: Any, sync: bool, group: Any, layer_id: int) -> None:
+        self.token, self.process_group, self.sync, self.group = token, process_group, sync, group
+        self.layer_id = layer_id  # the call tag's layer number
+        self.calls = 0  # synced calls so far: the call tag's index
+        self.channels_checked = False  # set once all ranks agreed on num_features
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -53,63 +73,56 @@ class SyncBatchNorm(_BatchNorm):
             kwargs["bias"] = False
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
         self.process_group = comms.resolve_group(process_group)  # a ProcessGroup or a 1-D DeviceMesh
-        self._layer_id = next(_LAYER_IDS)
-        self._reset_sync_state()
-
-    def _reset_sync_state(self) -> None:
-        # Set after the first synced call confirmed that all ranks agree on num_features.
-        self._channels_checked = False
-        self._sync_calls = 0  # synced (training, world size > 1) calls so far: the call tag's index
-        self._sync_cache = None  # (world token, process_group, sync?, group the collectives run on)
+        self._constructed = next(_CONSTRUCTED)
+        self._sync_state: _SyncState | None = None  # built on the first training call
 
     def __getstate__(self) -> dict:
-        # Copies and pickles (deepcopy for an EMA model, torch.save) carry no process group object.
+        # Copies and pickles (deepcopy for an EMA model, torch.save) carry no process group object; a
+        # copy re-resolves its group and re-checks channels on its first synced call.
         state = self.__dict__.copy()
-        state["_sync_cache"] = None
+        state["_sync_state"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if "_layer_id" not in state:  # pickled by an older syncbn
-            self._layer_id = next(_LAYER_IDS)
-            self._reset_sync_state()
+        if "_constructed" not in state:  # pickled by an older syncbn
+            self._constructed = next(_CONSTRUCTED)
+            self._sync_state = None
 
-    def _sync_group(self) -> tuple[bool, Any]:
-        """(whether there is anybody to sync with, the group this layer's collectives run on).
-
-        Cached for the current world and ``process_group``, so a synced forward does not look it up again;
-        a new world (destroyed and re-initialized) starts the layer's checks and call count afresh.
-        """
-        token, cache = comms.world_token(), self._sync_cache
-        if cache is not None and cache[0] is token and cache[1] is self.process_group:
-            return cache[2], cache[3]
-        if cache is not None and cache[0] is not token:
-            self._reset_sync_state()
-        sync = comms.world_size(self.process_group) > 1
-        group = comms.private_group(self.process_group) if sync else None
-        self._sync_cache = (token, self.process_group, sync, group)
-        return sync, group
+    def _current_sync_state(self) -> _SyncState:
+        """This layer's sync state for the current world and ``process_group``, so a synced forward does
+        not look its group up again; a new world (destroyed and re-initialized) or a new group starts the
+        channel check and the call count afresh, on every rank alike."""
+        state, token = self._sync_state, comms.world_token()
+        if state is None or state.token is not token or state.process_group is not self.process_group:
+            sync = comms.world_size(self.process_group) > 1
+            group = comms.private_group(self.process_group) if sync else None
+            layer_id = _layer_id(self._constructed, token) if sync else 0
+            state = self._sync_state = _SyncState(token, self.process_group, sync, group, layer_id)
+        return state
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"SyncBatchNorm: expected at least 2D input (N, C, *), got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
+        training, momentum, tracked = self.training, self.momentum, self.num_batches_tracked
         # Momentum and counters follow torch's _BatchNorm exactly (momentum=None: cumulative average).
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        factor = 0.0 if momentum is None else momentum
+        if training and self.track_running_stats and tracked is not None:
+            tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(tracked)
 
         # Batch stats in training, or in eval when there are no running stats to use.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        running_mean, running_var = self.running_mean, self.running_var
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
 
         # Sync only in training (which always uses batch stats) with more than one rank in the group.
-        sync, group = self._sync_group() if self.training else (False, None)
-        if not sync:
+        state = self._current_sync_state() if training else None
+        if state is None or not state.sync:
             return _local_batch_norm(
                 input,
                 running_mean,
@@ -121,18 +134,12 @@ class SyncBatchNorm(_BatchNorm):
                 eps=self.eps,
             )
         return self._sync_apply(
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            momentum=factor,
-            eps=self.eps,
-            group=group,
+            state, input, self.weight, self.bias, running_mean, running_var, momentum=factor, eps=self.eps
         )
 
     def _sync_apply(
         self,
+        state: _SyncState,
         input: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -141,23 +148,27 @@ class SyncBatchNorm(_BatchNorm):
         *,
         momentum: float,
         eps: float,
-        group: Any,
     ) -> Tensor:
         """One synced call of this layer: count it, check channels on the first, run the function.
 
         Also the entry for converted BatchNorm subclasses (syncbn.subclass), whose own forward supplies
         the arguments.
         """
-        call_index = self._sync_calls
-        self._sync_calls = call_index + 1  # counted on every rank before anything can fail
-        if not self._channels_checked:
+        call_index = state.calls
+        state.calls += 1  # counted on every rank before anything can fail
+        if not state.channels_checked:
             # First synced call: a fixed-size check that every rank's layer has the same C, because the
             # stats vector (2C+5) of mismatched ranks would abort gloo. Never repeated for this layer.
             error = input_error(input, self.num_features)
             check_channels(
-                self.num_features, input.device, group, error, layer_id=self._layer_id, call_index=call_index
+                self.num_features,
+                input.device,
+                state.group,
+                error,
+                layer_id=state.layer_id,
+                call_index=call_index,
             )
-            self._channels_checked = True
+            state.channels_checked = True
         return _apply(
             input,
             weight,
@@ -167,8 +178,8 @@ class SyncBatchNorm(_BatchNorm):
             eps=eps,
             momentum=momentum,
             num_features=self.num_features,
-            process_group=group,
-            layer_id=self._layer_id,
+            process_group=state.group,
+            layer_id=state.layer_id,
             call_index=call_index,
         )
 

@@ -42,11 +42,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import comms
-from .modules import _LAYER_IDS, SyncBatchNorm
+from .modules import _CONSTRUCTED, SyncBatchNorm
 
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 # Attributes conversion adds to a layer (the same as SyncBatchNorm's); revert removes them again.
-ADDED_ATTRIBUTES = ("process_group", "_layer_id", "_channels_checked", "_sync_calls", "_sync_cache")
+ADDED_ATTRIBUTES = ("process_group", "_constructed", "_sync_state")
 # nn.Module's own containers (parameters, buffers, children, hooks): copied so the two objects share
 # tensors and children but adding a hook or a child to one does not change the other.
 _MODULE_CONTAINERS = frozenset(k for k, v in vars(nn.Module()).items() if isinstance(v, (dict, set)))
@@ -87,8 +87,8 @@ def synced_copy(layer: _BatchNorm, process_group: Any) -> nn.Module:
     """A converted copy of ``layer`` sharing its parameters, buffers and children (call ``check`` first)."""
     new = _copy_as(layer, synced_class(type(layer)), skip=())
     new.process_group = process_group
-    new._layer_id = next(_LAYER_IDS)  # in conversion order, so every rank numbers its layers alike
-    new._reset_sync_state()
+    new._constructed = next(_CONSTRUCTED)  # in conversion order, so every rank numbers its layers alike
+    new._sync_state = None
     return new
 
 
@@ -163,8 +163,8 @@ class _BatchNormRoute(TorchFunctionMode):
 
 def _synced_batch_norm(layer: Any, a: dict) -> torch.Tensor:
     """The routed call: the subclass's own arguments, with global-batch statistics."""
-    _, group = layer._sync_group()
     return layer._sync_apply(
+        layer._current_sync_state(),
         a["input"],
         a["weight"],
         a["bias"],
@@ -172,7 +172,6 @@ def _synced_batch_norm(layer: Any, a: dict) -> torch.Tensor:
         a["running_var"],
         momentum=a["momentum"],
         eps=a["eps"],
-        group=group,
     )
 
 

@@ -69,7 +69,7 @@ def private_group_timeout(rank: int, world_size: int) -> dict:
     """The world group waits 30 s (the harness's pg_timeout); SyncBN's group was given 2 s by set_timeout."""
     layer = SyncBatchNorm(3)
     layer(torch.randn(4, 3))  # both ranks: the private group exists now
-    result = {"private_is_separate": layer._sync_cache[3] is not dist.group.WORLD}
+    result = {"private_is_separate": layer._sync_state.group is not dist.group.WORLD}
     if rank == 0:  # rank 1 stops syncing: rank 0's next all-reduce must fail after SyncBN's 2 s
         start = time.monotonic()
         try:
@@ -114,14 +114,14 @@ def group_cache(rank: int, world_size: int) -> dict:
         layer(torch.randn(4, 3))
         layer.eval()
         layer(torch.randn(4, 3))  # eval: no lookup, no collective
-        return {"first": first, "after_new_group": len(calls), "copy_cache": twin._sync_cache}
+        return {"first": first, "after_new_group": len(calls), "copy_state": twin._sync_state}
     finally:
         comms.private_group = lookup
 
 
 def test_the_group_is_cached_on_the_layer(tmp_path):
     for r in values(spawn(group_cache, 2, tmp_path)):
-        assert r == {"first": 1, "after_new_group": 2, "copy_cache": None}, r
+        assert r == {"first": 1, "after_new_group": 2, "copy_state": None}, r
 
 
 def errors_on_all_ranks(rank: int, world_size: int) -> dict:

@@ -63,7 +63,7 @@ def mistakes(rank: int, world_size: int, culprit: int) -> dict:
             _step(layers, rank, **(bad if rank == culprit else {}))
             _step(layers, rank)  # the culprit's next step meets the others' unfinished one
 
-        out[name] = (*_timed(mistake), [layer._layer_id for layer in layers])
+        out[name] = (*_timed(mistake), [layer._sync_state.layer_id for layer in layers])
     # The ranks are back in step after every error: a new layer syncs and matches the reference.
     x = torch.randn(2 * world_size, 3, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     y = SyncBatchNorm(3, dtype=torch.float64)(x[2 * rank : 2 * rank + 2])
@@ -138,7 +138,11 @@ def _abort_case(rank: int, world_size: int):
 
 
 def eval_alone(rank: int, world_size: int) -> dict:
-    """Rank-0-only validation between training steps is legitimate: no collective, no error, exact."""
+    """Rank-0-only validation between training steps is legitimate: no collective, no error, exact. Rank 0
+    also built and evaluated SyncBatchNorm layers of its own before the model: no false alarm either."""
+    if rank == 0:
+        for layer in [SyncBatchNorm(3), SyncBatchNorm(3)]:
+            layer.eval()(torch.randn(5, 3))
     gen = torch.Generator().manual_seed(4)
     net = nn.Sequential(SyncBatchNorm(3, dtype=torch.float64), SyncBatchNorm(3, dtype=torch.float64))
     ref = nn.Sequential(reference_bn(3, 3), reference_bn(3, 3))
