@@ -1,9 +1,8 @@
-"""Where this node sits on the network, worked out from the route to the rendezvous endpoint.
+"""Where this node sits on the network, worked out from its route to the rendezvous endpoint.
 
-So that one command serves every node of a multi-node job: whether this node hosts the c10d store (the
-endpoint's address is one of its own), the address its peers reach it at (the source address of its route
-to the endpoint), and the interface gloo and NCCL use (the one holding that address). Plus a bounded wait
-for the head's store, and one-line messages for the network failures a user can fix.
+One command serves every node of a multi-node job: a node hosts the c10d store if the endpoint's address is
+one of its own, its peers reach it at the source address of that route, and gloo and NCCL use the interface
+holding that address. Also the bounded wait for the head's store, and each node's folder in the run dir.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ class NetworkError(RuntimeError):
 
 @dataclass(frozen=True)
 class NodeNetwork:
-    """This node's view of the job's network; `is_host` None leaves the choice to torch (all on loopback)."""
+    """This node's part in the job's network; `is_host` None leaves the choice to torch (loopback)."""
 
     host: str  # the rendezvous host as the user wrote it
     addr: str  # ... and the address it resolves to here
@@ -108,13 +107,32 @@ def interface_of(addr: str) -> str | None:
     return interfaces().get(key)
 
 
+def _is_name(host: str) -> bool:
+    """A host name other than localhost (not an address literal)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host != "localhost"
+    return False
+
+
+def default_source() -> str | None:
+    """The source address of this node's default route, or None without one (no packet is sent)."""
+    try:
+        return route_source("198.51.100.1", 9)  # TEST-NET-2: routed nowhere, so the default route applies
+    except NetworkError:
+        return None
+
+
 def plan(endpoint: str, is_host: bool | None = None, local_addr: str | None = None) -> NodeNetwork:
     """Work out this node's role and addresses; `is_host`/`local_addr` given by the user win."""
     host, port = split_endpoint(endpoint)
     addr = resolve(host, port)
     if ipaddress.ip_address(addr).is_loopback:
-        # Every agent runs on this machine: torch's own guess (host the store, or else join it) is right.
-        local = local_addr or addr
+        # All agents on this machine (torch's own guess, host the store or else join it, is right), or a
+        # host name that /etc/hosts maps to loopback here only (Debian's 127.0.1.1): then the other nodes
+        # resolve it to this node's real address and reach it at the source of its default route.
+        local = local_addr or (default_source() if _is_name(host) else None) or addr
         return NodeNetwork(host, addr, port, is_host, local, interface_of(local))
     source = route_source(addr, port)
     # The kernel routes our own addresses through loopback and keeps them as the source address.
@@ -164,7 +182,7 @@ def wait_for_store(net: NodeNetwork, timeout_s: float) -> float:
 
 def describe(net: NodeNetwork, chosen: dict[str, str]) -> str:
     """One line for the agent's log: what this node worked out, and which interface settings are whose."""
-    role = {True: "hosts", False: "joins"}.get(net.is_host, "hosts or joins (all on loopback)")  # type: ignore[arg-type]
+    role = "hosts" if net.is_host else "joins" if net.is_host is False else "hosts or joins (torch decides)"
     settings = []
     for name in IFNAME_VARS:
         value = os.environ.get(name)
@@ -196,6 +214,12 @@ def prepare(launcher: dict) -> NodeNetwork:
     chosen = use_interface(net)
     log.info(describe(net, chosen))
     _check_given(net, chosen)
+    if net.local_addr != net.addr and ipaddress.ip_address(net.addr).is_loopback:
+        log.warning(
+            "%s resolves to %s on this node only, it seems (its own name in /etc/hosts): the other nodes "
+            "must reach it at %s; if they cannot, give the head's IP address in launcher.rdzv_endpoint",
+            net.host, net.addr, net.local_addr,
+        )  # fmt: skip
     if net.is_host is False:
         waited = wait_for_store(net, float(launcher["connect_timeout_s"]))
         log.info("reached the rendezvous store at %s after %.1f s", net.store, waited)

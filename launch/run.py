@@ -3,7 +3,7 @@
 python -m launch.run                                   # train: 2 gloo workers on this machine
 python -m launch.run task=check launcher.nproc_per_node=4
 python -m launch.run -m experiment=small_batch         # Hydra multirun: norm=bn,syncbn
-python -m launch.run launcher=multinode launcher.nnodes=2 launcher.rdzv_endpoint=head:29400  # per node
+python -m launch.run launcher=multinode launcher.nnodes=2 launcher.rdzv_endpoint=<head-ip>:29400  # every node
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def _report_failure(error, run_dir: Path, launcher: dict | None = None) -> None:
         if isinstance(message, dict):
             message = message.get("message", message)
         print(f"  rank {rank} (exit code {failure.exitcode}): {waits.one_line(message)}", file=sys.stderr)
-        hints.add(launcher and waits.hint(str(message), launcher))
+        if launcher is not None:
+            hints.add(waits.hint(str(message), launcher))
     for line in sorted(h for h in hints if h):
         print(line, file=sys.stderr)
 
