@@ -105,7 +105,11 @@ def _cause(error: BaseException) -> str:
 def explain(error: Exception, net: NodeNetwork | None, launcher: dict) -> NetworkError | None:
     """One line for a rendezvous or store failure seen by the agent; None for anything else."""
     from torch.distributed import DistError
-    from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousTimeoutError
+    from torch.distributed.elastic.rendezvous import (
+        RendezvousClosedError,
+        RendezvousError,
+        RendezvousTimeoutError,
+    )
 
     if not isinstance(error, (RendezvousError, DistError)):
         return None
@@ -118,6 +122,11 @@ def explain(error: Exception, net: NodeNetwork | None, launcher: dict) -> Networ
             f"{launcher['join_timeout_s']} s ({here} waited for {launcher['nnodes']} nodes of run "
             f"{launcher['run_id']!r}): start the same command, with the same launcher.rdzv_endpoint, "
             "launcher.run_id and launcher.nnodes, on every node"
+        )
+    if isinstance(error, RendezvousClosedError):
+        return NetworkError(
+            f"the rendezvous of run {launcher['run_id']!r} at {store} is closed: a job with this "
+            "launcher.run_id already ended there; use a new launcher.run_id, on every node"
         )
     if net is not None and net.is_host and "EADDRINUSE" in cause:
         return NetworkError(

@@ -243,7 +243,7 @@ def _running_in_group(pgid: int) -> list[str]:
 
 def test_lost_node_ends_every_process_within_timeout(two_hosts, tmp_path):
     """Link down mid-training: both nodes, the cut-off one included, end within launcher.timeout_s."""
-    timeout_s, slack = 6, 12  # slack: detecting the failure, stopping the workers, closing the agent
+    timeout_s, slack = 6, 20  # slack: the workers and agents exiting (CPU work, slow on a loaded machine)
     train = readme_commands()[1]
     typed = _fill(train, two_hosts[0], random.randint(20000, 40000), "lost")
     typed += f" launcher.timeout_s={timeout_s} data.train.size=100000"

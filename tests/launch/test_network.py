@@ -117,7 +117,7 @@ def test_store_connections_drop_when_unacknowledged():
 
 def test_messages_are_one_line_without_cpp_frames():
     from torch.distributed import DistNetworkError
-    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+    from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousConnectionError
 
     text = "Connection timed out\nException raised from recvBytes at Utils.hpp:784\nframe #0: c10::Error"
     assert waits.one_line(text) == "Connection timed out"
@@ -136,6 +136,8 @@ def test_messages_are_one_line_without_cpp_frames():
         "and the head failed, or the head stopped; see the head's output"
     )
     assert waits.explain(ValueError("not ours"), net, launcher) is None
+    closed = waits.explain(RendezvousClosedError(), net, launcher)
+    assert str(closed).startswith("the rendezvous of run 'x' at 10.0.0.1:1 is closed")
     assert waits.hint("Timed out waiting 9000ms for recv operation", launcher).startswith(
         "hint: a collective waited up to launcher.timeout_s=9 s"
     )
