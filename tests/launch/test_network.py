@@ -200,3 +200,20 @@ def test_rendezvous_that_never_completes_fails_after_join_timeout(tmp_path):
         and "did not complete within launcher.join_timeout_s=3 s" in proc.stderr
     )
     assert "Traceback" not in proc.stderr and str(ROOT) not in proc.stderr
+
+
+def test_process_group_init_failure_is_one_line_naming_store_and_interface(tmp_path):
+    env = _env() | {"GLOO_SOCKET_IFNAME": "nosuchif0"}  # a user override naming no interface here
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.run", "task=check", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("  rank 0 (exit code 1): "))
+    assert "RuntimeError: process-group init (gloo) failed on rank 0 of 2" in line
+    assert "the workers meet at the store 127.0.0.1:" in line and "GLOO_SOCKET_IFNAME=nosuchif0" in line
+    assert "Exception raised from" not in proc.stderr
