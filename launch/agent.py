@@ -2,36 +2,47 @@
 
 The agent (the machinery behind torchrun) joins the c10d rendezvous, spawns nproc_per_node workers running
 launch.worker.run_worker with the resolved config, restarts the group up to max_restarts times, and reports
-the failing rank's own exception when it gives up.
+the failing rank's own exception when it gives up. A node of a multi-node job first works out its place on
+the network (launch/network.py), and every wait of its agent is bounded by timeout_s (launch/waits.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import network, waits
 from .config import parse_nnodes
 from .loopback import is_loopback, loopback_only
+from .network import NetworkError, NodeNetwork
 from .worker import run_worker
 
 if TYPE_CHECKING:
     from torch.distributed.launcher.api import LaunchConfig
 
 
-def launch_config(launcher: dict[str, Any], run_dir: Path) -> LaunchConfig:
-    """torch's LaunchConfig for this node, from the launcher's settings (conf/launcher/*.yaml)."""
+def launch_config(
+    launcher: dict[str, Any], run_dir: Path, net: NodeNetwork | None = None, timeout_s: float | None = None
+) -> LaunchConfig:
+    """torch's LaunchConfig for this node, from the launcher's settings (conf/launcher/*.yaml).
+
+    ``net`` (a node of a multi-node job) supplies is_host and local_addr, and ``timeout_s`` then bounds
+    each rendezvous store call; without them the launcher's own keys are used as they are.
+    """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig
 
     min_nodes, max_nodes = parse_nnodes(launcher["nnodes"])
     nproc = launcher["nproc_per_node"]
     rdzv_configs: dict[str, Any] = {"join_timeout": int(launcher["join_timeout_s"])}
-    if launcher["is_host"] is not None:
-        # c10d guesses whether this node hosts the rendezvous store from its hostname, which fails behind
-        # NAT, in containers and in network namespaces; the launcher can say so explicitly.
-        rdzv_configs["is_host"] = launcher["is_host"]
+    # c10d guesses whether this node hosts the rendezvous store from its hostname, which fails behind
+    # NAT, in containers and in network namespaces; multi-node agents work it out from their addresses.
+    is_host = net.is_host if net else launcher["is_host"]
+    if is_host is not None:
+        rdzv_configs["is_host"] = is_host
+    if net is not None and timeout_s is not None:
+        rdzv_configs |= waits.rdzv_timeouts(timeout_s)
     return LaunchConfig(
         min_nodes=min_nodes,
         max_nodes=max_nodes,
@@ -43,7 +54,8 @@ def launch_config(launcher: dict[str, Any], run_dir: Path) -> LaunchConfig:
         max_restarts=launcher["max_restarts"],
         monitor_interval=launcher["monitor_interval_s"],
         start_method="spawn",
-        local_addr=launcher["local_addr"],  # the address other nodes reach this agent's workers at
+        # The address other nodes reach this agent's workers at (rank 0's becomes the workers' MASTER_ADDR).
+        local_addr=net.local_addr if net else launcher["local_addr"],
         # Local rank 0 keeps the console (and its progress bar); the others write only to files.
         logs_specs=DefaultLogsSpecs(
             log_dir=str(run_dir / "elastic"), redirects={r: Std.ALL for r in range(1, nproc)}
@@ -52,10 +64,7 @@ def launch_config(launcher: dict[str, Any], run_dir: Path) -> LaunchConfig:
 
 
 def start(cfg: dict[str, Any], run_dir: Path) -> None:
-    """Run this node's share of the job; exit 1 with the failing ranks' errors if the job fails."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-
+    """Run this node's share of the job; exit 1 with one line (or the failing ranks' errors) if it fails."""
     launcher = cfg["launcher"]
     _, max_nodes = parse_nnodes(launcher["nnodes"])
     host = launcher["rdzv_endpoint"].rpartition(":")[0]
@@ -68,19 +77,43 @@ def start(cfg: dict[str, Any], run_dir: Path) -> None:
     # A one-node job on loopback keeps the agent's stores off the network (see launch/loopback.py).
     local = max_nodes == 1 and is_loopback(host) and is_loopback(launcher["local_addr"])
     try:
-        with loopback_only() if local else contextlib.nullcontext():
-            elastic_launch(launch_config(launcher, run_dir), run_worker)(cfg, str(run_dir))
-    except ChildFailedError as e:
-        _report_failure(e, run_dir)
+        net = None if local else network.prepare(launcher)
+        with loopback_only() if local else waits.bounded_agent(cfg["timeout_s"]):
+            _elastic_launch(cfg, run_dir, net)
+    except NetworkError as e:  # a network problem the user can fix: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
-def _report_failure(error, run_dir: Path) -> None:
-    """Print the failing rank's own exception, not just 'child failed'."""
+def _elastic_launch(cfg: dict[str, Any], run_dir: Path, net: NodeNetwork | None) -> None:
+    """torch's elastic_launch; worker failures and rendezvous/store failures end in one line each."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    launcher, timeout_s = cfg["launcher"], cfg["timeout_s"]
+    try:
+        elastic_launch(launch_config(launcher, run_dir, net, timeout_s), run_worker)(cfg, str(run_dir))
+    except ChildFailedError as e:
+        _report_failure(e, run_dir, timeout_s if net else None)
+        raise SystemExit(1) from None
+    except Exception as e:  # rendezvous and store failures: one line naming the wait, not a C++ traceback
+        explained = waits.explain(e, net, launcher, timeout_s)
+        if explained is None:
+            raise
+        raise explained from None
+
+
+def _report_failure(error, run_dir: Path, timeout_s: float | None = None) -> None:
+    """Print the failing rank's own exception, not just 'child failed' (with a hint when multi-node)."""
     failures = getattr(error, "failures", {}) or {}
     print(f"error: {len(failures) or 'some'} worker(s) failed; logs: {run_dir / 'logs'}", file=sys.stderr)
+    hints = set()
     for rank, failure in sorted(failures.items())[:4]:
         message = failure.message
         if isinstance(message, dict):
             message = message.get("message", message)
-        print(f"  rank {rank} (exit code {failure.exitcode}): {message}", file=sys.stderr)
+        print(f"  rank {rank} (exit code {failure.exitcode}): {waits.one_line(message)}", file=sys.stderr)
+        if timeout_s is not None:
+            hints.add(waits.hint(str(message), timeout_s))
+    for line in sorted(h for h in hints if h):
+        print(line, file=sys.stderr)

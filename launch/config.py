@@ -75,9 +75,10 @@ def compose_raw(overrides: list[str], *, hydra_keys: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from . import schema
+    from . import network, schema
 
     schema.register()
+    network.register_resolvers()  # ${syncbn.node:} in launcher/multinode.yaml
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_keys)

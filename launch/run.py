@@ -3,7 +3,7 @@
 python -m launch.run                                   # train: 2 gloo workers on this machine
 python -m launch.run task=check launcher.nproc_per_node=4
 python -m launch.run -m experiment=small_batch         # Hydra multirun: norm=bn,syncbn
-python -m launch.run launcher=multinode launcher.nnodes=2 launcher.rdzv_endpoint=head:29400  # per node
+python -m launch.run launcher=multinode launcher.nnodes=2 launcher.rdzv_endpoint=<head-ip>:29400  # every node
 python -m launch.run --cfg job                         # print the composed config, start nothing
 
 Flow: preflight (every job's config composed and validated: bad ones exit 2 with one line, before Hydra
@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from . import waits
 from .config import ConfigError, conf_dir, fixed_world_size, resolve
 from .validate import validate
 
@@ -23,7 +24,8 @@ def launch(cfg) -> None:
     """The Hydra task function: runs once per job (once per sweep point under --multirun)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from . import agent
+    with waits.quiet_agent():  # torch's C++ store code would warn about every socket hiccup of the agent
+        from . import agent
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved = resolve(cfg)
@@ -41,16 +43,18 @@ def launch(cfg) -> None:
 def main() -> None:
     import hydra
 
-    from . import schema
+    from . import network, schema
     from .preflight import preflight
 
     try:
         config_path = str(conf_dir())
-        preflight(sys.argv[1:])
+        with waits.quiet_agent():  # preflight imports torch for device=cuda: then it is the agent's torch
+            preflight(sys.argv[1:])
     except ConfigError as e:  # one clear line, no traceback wall, no run directory left behind
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     schema.register()
+    network.register_resolvers()  # ${syncbn.node:}: each node's own folder in a shared run directory
     hydra.main(config_path=config_path, config_name="config", version_base="1.3")(launch)()
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from syncbn import comms
 
 from .validate import backend_for, check_group_size
+from .waits import init_failed
 
 
 @dataclass
@@ -99,13 +100,16 @@ def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
     backend = backend_for(cfg)
     timeout = datetime.timedelta(seconds=float(cfg["timeout_s"]))
     restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    dist.init_process_group(
-        backend,
-        store=_store(world_size, restart_count, timeout),
-        rank=rank,
-        world_size=world_size,
-        timeout=timeout,
-    )
+    try:
+        dist.init_process_group(
+            backend,
+            store=_store(world_size, restart_count, timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
+    except RuntimeError as e:  # store or peers unreachable: one line naming both and the fix
+        raise init_failed(e, backend, rank, world_size, timeout.total_seconds()) from e
     comms.set_timeout(timeout)  # SyncBN's private process group fails after the same time
     ctx = Context(
         cfg=cfg,

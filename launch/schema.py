@@ -44,11 +44,13 @@ class Launcher:
     rdzv_endpoint: str = MISSING
     run_id: str = MISSING
     max_restarts: int = MISSING
-    join_timeout_s: float = MISSING
+    join_timeout_s: float = MISSING  # the rendezvous waiting for all nodes
+    connect_timeout_s: float = MISSING  # a node waiting for the head's rendezvous store (launch/network.py)
     monitor_interval_s: float = MISSING
-    is_host: bool | None = MISSING
+    is_host: bool | None = MISSING  # None: worked out from the route to the endpoint (launch/network.py)
     local_addr: str | None = MISSING
     run_dir: str = MISSING  # the run directory; hydra.run.dir follows it
+    node_dir: str = MISSING  # this node's own files (.hydra/, the agent's log), relative to run_dir
 
 
 @dataclass

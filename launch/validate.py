@@ -69,14 +69,15 @@ def _torch_sees_cuda() -> bool:
 def _launcher(launcher: dict[str, Any]) -> None:
     _at_least("launcher.nproc_per_node", launcher["nproc_per_node"], 1)
     _, max_nodes = parse_nnodes(launcher["nnodes"])
-    if max_nodes > 1 and launcher["rdzv_endpoint"].rpartition(":")[2] in ("", "0"):
+    port = launcher["rdzv_endpoint"].rpartition(":")[2]
+    if max_nodes > 1 and not (port.isdigit() and 0 < int(port) < 65536):
         raise ConfigError(
             f"launcher.nnodes={launcher['nnodes']} needs a fixed rendezvous port that every node can reach, "
             f"got launcher.rdzv_endpoint={launcher['rdzv_endpoint']!r} (e.g. head-node:29400)"
         )
     _at_least("launcher.max_restarts", launcher["max_restarts"], 0)
-    _at_least("launcher.join_timeout_s", launcher["join_timeout_s"], 0, strict=True)
-    _at_least("launcher.monitor_interval_s", launcher["monitor_interval_s"], 0, strict=True)
+    for key in ("join_timeout_s", "connect_timeout_s", "monitor_interval_s"):
+        _at_least(f"launcher.{key}", launcher[key], 0, strict=True)
 
 
 def _norm(norm: dict[str, Any], world_size: int | None) -> None:

@@ -5,6 +5,8 @@ keys and values fail with one line (config.py, schema.py, validate.py, preflight
 from __future__ import annotations
 
 import itertools
+import os
+import socket
 from dataclasses import fields
 from pathlib import Path
 
@@ -93,6 +95,9 @@ def test_multinode_defaults_come_from_the_launchers_environment(monkeypatch):
     assert parse_nnodes(cfg["launcher"]["nnodes"]) == (2, 4) and fixed_world_size(cfg) is None
     assert cfg["launcher"]["rdzv_endpoint"] == "head:29400"
     assert cfg["launcher"]["run_id"] == "job-7" and cfg["launcher"]["run_dir"] == "outputs/job-7"
+    # Each node's own files (Hydra's .hydra/, the agent's log) apart in the shared run directory.
+    assert cfg["launcher"]["node_dir"] == f"nodes/{socket.gethostname()}-{os.getpid()}"
+    assert compose([])["launcher"]["node_dir"] == "."
     for name in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_RDZV_ENDPOINT", "PET_RDZV_ID"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_NNODES", "3")
@@ -168,6 +173,10 @@ BAD = [
     (["launcher.nnodes=0"], False, "launcher.nnodes must satisfy"),
     (["launcher.nnodes=two"], False, "integer or MIN:MAX"),
     (["launcher.nnodes=2"], False, "needs a fixed rendezvous port"),
+    (["launcher=multinode", "launcher.rdzv_endpoint=head:port"], False, "needs a fixed rendezvous port"),
+    (["launcher.connect_timeout_s=abc"], False, "could not be converted to Float"),
+    (["launcher.connect_timeout_s=0"], False, "launcher.connect_timeout_s must be > 0, got 0.0"),
+    (["launcher.join_timeout_s=0"], False, "launcher.join_timeout_s must be > 0, got 0.0"),
     (["timeout_s=0"], False, "timeout_s must be > 0, got 0.0"),
     (["launcher.max_restarts=-1"], False, "launcher.max_restarts must be >= 0, got -1"),
     (["threads=0"], False, "threads must be >= 1, got 0"),
