@@ -4,8 +4,9 @@ Per rank, median forward+backward time of one layer, measured interleaved (A B C
 hits every variant alike:
   syncbn  ours, training mode          local  F.batch_norm on the same local batch, no sync
   comm    all-reduce of 2C+1 and 2C    naive  autograd SyncBN (count all-reduce, then sums; autograd backward)
-  torch   torch.nn.SyncBatchNorm (CUDA only)
+  torch   torch.nn.SyncBatchNorm (CUDA only; at world size 1 both synced paths: see launch/bench_cuda.py)
 floor_ratio = syncbn / (local + comm); naive_speedup = naive / syncbn. Ranks beyond a world size wait.
+On CUDA each row also counts the GPU kernels and host syncs of one step of every variant.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from syncbn import SyncBatchNorm
 
+from . import bench_cuda
 from .runtime import Context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,9 +121,8 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
         naive_sync_bn(x, weight, bias, group).backward(dy)
 
     variants = {"syncbn": run_syncbn, "local": run_local, "comm": run_comm, "naive": run_naive}
-    if dev.type == "cuda" and world > 1:
-        theirs = torch.nn.SyncBatchNorm(c, process_group=group, device=dev)
-        variants["torch"] = lambda: theirs(x).backward(dy)
+    if dev.type == "cuda":
+        variants.update(bench_cuda.torch_variants(x, dy, group, world))
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup + rounds):
@@ -143,6 +144,8 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
     if world > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
     result = dict(zip(medians, packed.tolist(), strict=True))
+    if dev.type == "cuda":  # every rank of the group profiles the same variants in the same order
+        result.update(bench_cuda.figures(result, variants, dev, leaves=(x, weight, bias)))
     result["saved_MB_syncbn"] = saved_bytes(lambda: ours(x)) / 2**20
     result["saved_MB_local"] = (
         saved_bytes(lambda: F.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5)) / 2**20
@@ -199,7 +202,8 @@ def _write(ctx: Context, rows: list[dict[str, Any]], skipped: list[int]) -> None
 
     run_dir = ctx.run_dir
     with open(run_dir / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # CUDA rows at world size 1 have columns (synced) that the others lack: the union, in order
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
     meta = {
@@ -209,12 +213,14 @@ def _write(ctx: Context, rows: list[dict[str, Any]], skipped: list[int]) -> None
         "rounds": ctx.task["rounds"],
         "world_sizes_skipped": skipped,
         "torch": torch.__version__,
+        **bench_cuda.device_info(ctx.device),
         "rows": rows,
     }
     (run_dir / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
     _plot(run_dir, rows)
     columns = ["world_size", "shape", "format", "dtype", "syncbn", "local", "comm", "naive"]
     columns += ["floor_ratio", "naive_speedup", "saved_MB_syncbn", "saved_MB_local"]
+    columns += [c for c in bench_cuda.COLUMNS if any(c in row for row in rows)]
     ctx.log.info("\n%s", report.table(rows, columns))
     if skipped:
         ctx.log.info("world sizes %s skipped: the job has only %d ranks", skipped, ctx.world_size)
