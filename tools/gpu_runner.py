@@ -84,15 +84,17 @@ def _verdict(step: Step, output: str, folder: Path) -> tuple[bool, dict[str, Any
     }[step.expect]
     figures = {"run_dir": _rel(run_dir)}
     figures |= {k: data.get(k) for k in keys}
-    ok = data.get("device") == "cuda"
-    if step.expect == "summary.json":
-        ok = ok and data.get("steps", 0) > 0
-    elif step.expect == "check.json":
-        ok = ok and data.get("passed") is True
-    else:
+    why = [] if data.get("device") == "cuda" else [f"ran on {data.get('device')}, not cuda"]
+    if step.expect == "summary.json" and not data.get("steps"):
+        why.append("no training step")
+    elif step.expect == "check.json" and data.get("passed") is not True:
+        why.append("check did not pass")
+    elif step.expect == "bench.json":
         figures["rows"] = len(data.get("rows", []))
-        ok = ok and figures["rows"] > 0
-    return ok, figures
+        why += [] if figures["rows"] else ["no bench rows"]
+    if why:
+        figures["why"] = "; ".join(why)
+    return not why, figures
 
 
 def run_step(step: Step, env: dict[str, str]) -> dict[str, Any]:

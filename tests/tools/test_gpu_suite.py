@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -112,6 +113,18 @@ def test_a_need_in_a_version_that_will_not_do_counts_as_missing():
     assert gpu_needs.missing([("no-such-dist", "no_such_module", ">=1")]) == ["no-such-dist"]
 
 
+def test_list_names_every_step_and_why_some_skip(monkeypatch, capsys):
+    fake_torch = SimpleNamespace(cuda=SimpleNamespace(device_count=lambda: 1))
+    monkeypatch.setattr(gpu_suite, "torch_or_exit", lambda: fake_torch)
+    assert gpu_suite.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [s.name for s in gpu_suite.plan(1, {})]
+    assert "main-job                 python -m launch.run device=cuda backend=gloo" in lines[5]
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--only", "no-such-step"])
+    assert "unknown step(s) no-such-step" in capsys.readouterr().err
+
+
 def _by_name(steps: list[Step]) -> dict[str, Step]:
     return {s.name: s for s in steps}
 
@@ -193,6 +206,7 @@ def test_a_launcher_step_passes_only_if_its_run_ran_on_cuda(docs, tmp_path, devi
     step = Step("check", python(f"print('outputs: {run_dir}')"), expect="check.json")
     record = gpu_runner.run_step(step, dict(__import__("os").environ))
     assert record["status"] == ("passed" if passed else "failed")
+    assert record["figures"].get("why") == (None if passed else "ran on cpu, not cuda")
     assert record["figures"]["max_error"] == 1e-12 and record["figures"]["backend"] == "gloo"
     assert (docs / "check" / "check.json").is_file() and (docs / "check" / "config.yaml").is_file()
     lost = gpu_runner.run_step(Step("lost", python("print('no outputs line')"), expect="check.json"), {})
