@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 ARGS ?=
+GPU_PYTHON ?= 3.12
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format run check bench clean
+.PHONY: help install test test-fast test-gpu gpu-wheels lint format run check bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,13 @@ test: $(STAMP)  ## run the whole test suite (what CI runs)
 
 test-fast: $(STAMP)  ## only the single-process tests
 	$(BIN)/python -m pytest -m "not multiprocess and not slow" $(ARGS)
+
+# No .venv here: the GPU machine's own python3 (PYTHON=...) and its CUDA torch, never reinstalled.
+test-gpu:  ## on a CUDA machine: GPU tests, gloo+CUDA and NCCL runs, main job, check, bench -> docs/gpu/
+	@$(PYTHON) -m tools.gpu_suite $(ARGS)
+
+gpu-wheels:  ## download the pure-Python needs of test-gpu into .whl/ (GPU_PYTHON=3.12), for offline GPUs
+	$(PYTHON) -m tools.gpu_needs --python-version $(GPU_PYTHON) $(ARGS)
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(BIN)/ruff check .

@@ -1,6 +1,6 @@
 """task=bench: a SyncBN step next to local BatchNorm, the communication floor and a naive SyncBN.
 
-    python -m launch.run task=bench launcher.nproc_per_node=2 bench.world_sizes=[2]
+    python -m launch.run task=bench launcher.nproc_per_node=2 task.world_sizes=[2]
 
 Per rank, median forward+backward time of one layer, measured interleaved (A B C ... A B C ...) so drift
 hits every variant alike; every variant starts after a barrier, so a late peer is nobody's cost:
@@ -9,10 +9,11 @@ hits every variant alike; every variant starts after a barrier, so a late peer i
   insitu  local forward, all-reduce of 2C+1 float64, local backward, all-reduce of 2C float64: the floor
           timed like our step, so it pays the same in-step waits any synchronous SyncBN pays
   naive   autograd SyncBN (count all-reduce, then sums; autograd backward)
-  torch   torch.nn.SyncBatchNorm (CUDA only)
+  torch   torch.nn.SyncBatchNorm (CUDA only; at world size 1 both synced paths: see launch/bench_cuda.py)
 floor_ratio = syncbn / (local + comm); insitu_ratio = syncbn / insitu; naive_speedup = naive / syncbn;
 ops = ATen ops one layer step dispatches (torch.profiler, top level). Then one training step of the
-configured model (DDP + SGD) with bench.network_images images per rank: syncbn vs bn vs naive.
+configured model (DDP + SGD) with task.network_images images per rank: syncbn vs bn vs naive.
+On CUDA each row also counts the GPU kernels and host syncs of one step of every variant.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from syncbn import SyncBatchNorm, convert_sync_batchnorm
 
+from . import bench_cuda
 from .runtime import Context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,9 +180,8 @@ def _variants(ctx: Context, x, dy, group, world: int) -> tuple[dict, dict, Calla
         "insitu": insitu,
         "naive": lambda: forwards["naive"]().backward(dy),
     }
-    if dev.type == "cuda" and world > 1:
-        theirs = torch.nn.SyncBatchNorm(c, process_group=group, device=dev)
-        variants["torch"] = lambda: theirs(x).backward(dy)
+    if dev.type == "cuda":
+        variants.update(bench_cuda.torch_variants(x, dy, group, world))
     return variants, forwards, clear
 
 
@@ -227,6 +228,9 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
     x, dy = _inputs(ctx, case)
     variants, forwards, clear = _variants(ctx, x, dy, group, world)
     ms = time_interleaved(variants, ctx.device, group, world, rounds=rounds, warmup=warmup, after=clear)
+    if ctx.device.type == "cuda":  # every rank of the group profiles the same variants in the same order
+        clear()
+        ms.update(bench_cuda.figures(ms, variants, ctx.device, leaves=(x,)))
     row: dict[str, Any] = {
         "world_size": world,
         "shape": "x".join(map(str, case["shape"])),
@@ -336,7 +340,8 @@ def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skippe
 
     run_dir = ctx.run_dir
     with open(run_dir / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # CUDA rows at world size 1 have columns (synced) that the others lack: the union, in order
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
     meta = {
@@ -346,6 +351,7 @@ def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skippe
         "rounds": ctx.task["rounds"],
         "world_sizes_skipped": skipped,
         "torch": torch.__version__,
+        **bench_cuda.device_info(ctx.device),
         "rows": rows,
         "network": network,
     }
@@ -353,6 +359,7 @@ def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skippe
     _plot(run_dir, rows)
     columns = ["world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm", "naive"]
     columns += ["insitu_ratio", "floor_ratio", "naive_speedup", "ops_syncbn", "saved_MB_syncbn"]
+    columns += [c for c in bench_cuda.COLUMNS if any(c in row for row in rows)]
     ctx.log.info("\n%s", report.table(rows, columns))
     if network:
         table = report.table(network, list(network[0]))

@@ -56,10 +56,11 @@ class TrainState:
         """Count one optimizer step on a global batch of ``batch_size`` x world size samples."""
         self.step += 1
         self.samples_in_epoch += batch_size * self.world_size
-        correct = (logits.argmax(1) == target).sum()
-        self.epoch_sums += torch.stack([loss.detach() * len(target), correct, torch.tensor(len(target))]).to(
-            self.epoch_sums
-        )
+        n = len(target)
+        # In place on the sums' own device, in float64: no host tensor to mix with device ones, no sync.
+        self.epoch_sums[0].add_(loss.detach(), alpha=n)
+        self.epoch_sums[1].add_((logits.argmax(1) == target).sum())
+        self.epoch_sums[2].add_(n)
 
     def finish_epoch(self) -> None:
         """The epoch is done: the data position and the epoch's metrics start over."""
@@ -103,13 +104,24 @@ def path(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
 
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` (nested dicts, lists, tuples) with every tensor copied to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {key: _on_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(value) for value in obj)
+    return obj
+
+
 def save(ctx: Context, state: TrainState) -> None:
     """Write the checkpoint (every rank calls this: the epoch's partial sums are summed over ranks)."""
     totals = state.epoch_sums.clone()
     dist.all_reduce(totals)  # every rank's partial epoch sums, so a resumed epoch's metrics lose nothing
     if not ctx.is_main:
         return
-    payload = state.state_dict()
+    payload = _on_cpu(state.state_dict())  # a checkpoint written on GPUs loads on any machine
     payload["epoch_sums"] = totals.cpu()
     buffer = io.BytesIO()
     torch.save(payload, buffer)

@@ -84,6 +84,18 @@ def _store(world_size: int, restart_count: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"syncbn/attempt_{restart_count}", client)
 
 
+def cuda_device(local_rank: int, local_world: int, backend: str, gpus: int) -> torch.device:
+    """This worker's GPU: local rank r takes GPU r % gpus, so gloo workers can share GPUs; NCCL cannot."""
+    if gpus < 1:
+        raise RuntimeError("device=cuda but no GPU is visible to this worker (check CUDA_VISIBLE_DEVICES)")
+    if backend == "nccl" and local_world > gpus:
+        raise RuntimeError(
+            f"backend nccl needs one GPU per worker: {local_world} workers on this node but {gpus} GPU(s) "
+            f"visible; use launcher.nproc_per_node={gpus}, or backend=gloo to let workers share a GPU"
+        )
+    return torch.device("cuda", local_rank % gpus)
+
+
 def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
     """Read the launcher's environment, pick the device, init the process group with a timeout."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -92,12 +104,11 @@ def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
     log = _logger(run_dir, rank)
     # One worker per core share: oversubscribed intra-op threads make every collective wait on stragglers.
     torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 1) // local_world))
-    if cfg["device"] == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     backend = backend_for(cfg)
+    device = torch.device("cpu")
+    if cfg["device"] == "cuda":
+        device = cuda_device(local_rank, local_world, backend, torch.cuda.device_count())
+        torch.cuda.set_device(device)  # NCCL and torch.cuda.synchronize() use the current device
     timeout = datetime.timedelta(seconds=float(cfg["timeout_s"]))
     restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     try:

@@ -51,7 +51,7 @@ def train(ctx: Context) -> None:
     settings = ctx.task
     train_set, test_set = instantiate(ctx.cfg["data"]["train"]), instantiate(ctx.cfg["data"]["test"])
     model = build_model(ctx)
-    ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     # Padding (drop_last=False) gives every rank the same number of steps: SyncBN needs all ranks each step.
     sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=ctx.cfg["seed"])
     loader = DataLoader(train_set, batch_size=settings["batch_size"], sampler=sampler)

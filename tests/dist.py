@@ -2,6 +2,10 @@
 
 Every rank inits the process group from a file under a per-test folder (no ports) with a hard timeout, and
 the parent kills the whole group past its own deadline, so a bug shows as a failure, never a frozen CI.
+
+On a GPU machine the same cases run on CUDA tensors (``make test-gpu`` does this): SYNCBN_TEST_DEVICE=cuda
+puts rank r on GPU r % count (tests put their tensors on DEVICE), and SYNCBN_TEST_BACKEND=nccl swaps gloo
+for NCCL, which needs a GPU per rank (larger worlds skip).
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+# Where the ranks' tensors live, and the backend between them: CPU and gloo unless a GPU run asks.
+DEVICE = os.environ.get("SYNCBN_TEST_DEVICE", "cpu")
+BACKEND = os.environ.get("SYNCBN_TEST_BACKEND", "gloo")
 
 
 @dataclass
@@ -36,8 +46,10 @@ def _worker(fn, rank, world_size, init_file, result_file, pg_timeout, args):
     torch.set_num_threads(1)
     outcome = Outcome(rank)
     try:
+        if DEVICE == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())  # "cuda" means this rank's GPU
         dist.init_process_group(
-            "gloo",
+            BACKEND,
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world_size,
@@ -71,6 +83,7 @@ def spawn(
     """
     import torch
 
+    _check_device(world_size, torch)
     ctx = mp.get_context("spawn")
     run_dir = Path(tmp_path) / f"spawn-{time.monotonic_ns()}"
     run_dir.mkdir(parents=True)
@@ -100,6 +113,19 @@ def spawn(
             )
         outcomes.append(torch.load(f, weights_only=False))
     return outcomes
+
+
+def _check_device(world_size: int, torch) -> None:
+    """Refuse a device or backend this machine cannot give the ranks, before spawning any."""
+    if (DEVICE, BACKEND) not in {("cpu", "gloo"), ("cuda", "gloo"), ("cuda", "nccl")}:
+        raise ValueError(
+            f"SYNCBN_TEST_DEVICE={DEVICE} with SYNCBN_TEST_BACKEND={BACKEND}: use cpu or cuda, and gloo "
+            "(nccl only with cuda)"
+        )
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("SYNCBN_TEST_DEVICE=cuda but torch sees no CUDA device")
+    if BACKEND == "nccl" and world_size > torch.cuda.device_count():
+        pytest.skip(f"NCCL needs a GPU per rank: {world_size} ranks, {torch.cuda.device_count()} GPU(s)")
 
 
 def values(outcomes: list) -> list:

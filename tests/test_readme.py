@@ -60,6 +60,10 @@ COMMANDS = {
     "kubectl apply -f docker/k8s/pytorchjob.yaml": "no Kubernetes here; tests/launch/test_recipes.py "
     "composes its args with the env the operator injects",
     "make bench": "slow",
+    "make test-gpu": "needs CUDA; without it the command must exit 2 with one line, which "
+    "tests/tools/test_gpu_suite.py runs verbatim, with the steps, verdicts and results checked by stand-ins",
+    "make gpu-wheels": "downloads from PyPI; tests/tools/test_gpu_suite.py checks its pinned pip commands "
+    "(--dry-run, make -n)",
 }
 
 

@@ -1,6 +1,7 @@
 """Tier 2: SyncBatchNorm on W gloo ranks equals torch BatchNorm on the whole batch (float64 reference).
 
-Each spawn runs every case for one world size, so process start-up (~2 s) is paid once per W.
+Each spawn runs every case for one world size, so process start-up (~2 s) is paid once per W. Under
+SYNCBN_TEST_DEVICE=cuda (make test-gpu) layer, reference and batches live on the GPU (tests/dist.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 
 from syncbn import SyncBatchNorm
 
-from .dist import spawn, values
+from .dist import DEVICE, spawn, values
 from .reference import TOLERANCE, compare_step, reference_bn, rel_err, rows_of
 
 pytestmark = pytest.mark.multiprocess
@@ -70,8 +71,10 @@ def run_case(rank: int, world_size: int, case: dict, steps: int = 3) -> list:
     shape, splits = case["shape"], case["splits"]
     c, ndim = shape[1], len(shape)
     gen = torch.Generator().manual_seed(1234)
-    layer = SyncBatchNorm(c, **opts, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    ref = reference_bn(ndim, c, **opts)
+    layer = SyncBatchNorm(
+        c, **opts, device=DEVICE, dtype=torch.float64 if dtype == torch.float64 else torch.float32
+    )
+    ref = reference_bn(ndim, c, device=DEVICE, **opts)
     with torch.no_grad():
         if layer.weight is not None:
             w = 1 + 0.2 * torch.randn(c, generator=gen, dtype=torch.float64)
@@ -89,14 +92,14 @@ def run_case(rank: int, world_size: int, case: dict, steps: int = 3) -> list:
         errors.append((case["name"], what, rel_err(got, want), tol))
 
     for step in range(steps):
-        xg = (3 * torch.randn(shape, generator=gen, dtype=torch.float64) + 2).to(dtype)
-        dyg = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        xg = (3 * torch.randn(shape, generator=gen, dtype=torch.float64) + 2).to(DEVICE, dtype)
+        dyg = torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
         fmt = torch.contiguous_format
         if case.get("cl"):
             fmt = torch.channels_last if ndim == 4 else torch.channels_last_3d
         y, step_errors = compare_step(layer, ref, xg, dyg, rows, memory_format=fmt)
 
-        assert y.dtype == dtype and y.shape == xg[rows].shape
+        assert y.dtype == dtype and y.shape == xg[rows].shape and y.device == xg.device
         if case.get("cl") and y.numel():
             assert y.is_contiguous(memory_format=fmt), "output lost channels_last"
         for what, err in step_errors.items():
@@ -109,7 +112,7 @@ def run_case(rank: int, world_size: int, case: dict, steps: int = 3) -> list:
     layer.eval()
     ref.eval()
     with torch.no_grad():
-        xg = (3 * torch.randn(shape, generator=gen, dtype=torch.float64) + 2).to(dtype)
+        xg = (3 * torch.randn(shape, generator=gen, dtype=torch.float64) + 2).to(DEVICE, dtype)
         if ref.running_mean is not None:
             check("eval.output", layer(xg[rows]), ref(xg.double())[rows])
         elif splits[rank] > 1:

@@ -13,7 +13,7 @@ import torch
 
 from syncbn import SyncBatchNorm, sync_batch_norm
 
-from .dist import spawn, values
+from .dist import DEVICE, spawn, values
 
 pytestmark = pytest.mark.multiprocess
 
@@ -25,32 +25,53 @@ def _bad_on(rank: int, bad_rank: int, good, bad):
 def error_cases(rank: int, world_size: int) -> list:
     """(name, needs a used layer first, callable) for every invalid-input path."""
     last = world_size - 1
-    x = torch.randn(4, 3, 5)
+    x = torch.randn(4, 3, 5, device=DEVICE)
     return [
-        ("rank1d", lambda: SyncBatchNorm(3)(_bad_on(rank, last, x, torch.randn(7)))),
-        ("wrong_channels", lambda: SyncBatchNorm(3)(_bad_on(rank, last, x, torch.randn(4, 5, 5)))),
+        (
+            "rank1d",
+            lambda: SyncBatchNorm(3, device=DEVICE)(_bad_on(rank, last, x, torch.randn(7, device=DEVICE))),
+        ),
+        (
+            "wrong_channels",
+            lambda: SyncBatchNorm(3, device=DEVICE)(
+                _bad_on(rank, last, x, torch.randn(4, 5, 5, device=DEVICE))
+            ),
+        ),
         (
             "integer_input",
-            lambda: SyncBatchNorm(3)(_bad_on(rank, last, x, torch.ones(4, 3, 5, dtype=torch.long))),
+            lambda: SyncBatchNorm(3, device=DEVICE)(
+                _bad_on(rank, last, x, torch.ones(4, 3, 5, dtype=torch.long, device=DEVICE))
+            ),
         ),
         (
             "ranks_disagree_on_C",
-            lambda: SyncBatchNorm(3 + (rank == last))(torch.randn(4, 3 + (rank == last), 5)),
+            lambda: SyncBatchNorm(3 + (rank == last), device=DEVICE)(
+                torch.randn(4, 3 + (rank == last), 5, device=DEVICE)
+            ),
         ),
-        ("global_batch_empty", lambda: SyncBatchNorm(3)(torch.randn(0, 3, 5))),
+        ("global_batch_empty", lambda: SyncBatchNorm(3, device=DEVICE)(torch.randn(0, 3, 5, device=DEVICE))),
         (
             "global_one_value",
-            lambda: SyncBatchNorm(3)(_bad_on(rank, 0, torch.randn(0, 3), torch.randn(1, 3))),
+            lambda: SyncBatchNorm(3, device=DEVICE)(
+                _bad_on(rank, 0, torch.randn(0, 3, device=DEVICE), torch.randn(1, 3, device=DEVICE))
+            ),
         ),
         (
             "functional_wrong_channels",
             lambda: sync_batch_norm(
-                _bad_on(rank, last, x, torch.randn(4, 2, 5)), None, None, torch.ones(3), None, training=True
+                _bad_on(rank, last, x, torch.randn(4, 2, 5, device=DEVICE)),
+                None,
+                None,
+                torch.ones(3, device=DEVICE),
+                None,
+                training=True,
             ),
         ),
         (
             "functional_disagree_no_params",
-            lambda: sync_batch_norm(torch.randn(4, 3 + (rank == last), 5), None, None, training=True),
+            lambda: sync_batch_norm(
+                torch.randn(4, 3 + (rank == last), 5, device=DEVICE), None, None, training=True
+            ),
         ),
     ]
 
@@ -60,15 +81,15 @@ def later_call_cases(rank: int, world_size: int) -> list:
     last = world_size - 1
     cases = []
     for name, bad in [
-        ("later_rank1d", torch.randn(7)),
-        ("later_wrong_channels", torch.randn(4, 6, 5)),
-        ("later_integer_input", torch.ones(4, 3, 5, dtype=torch.int32)),
+        ("later_rank1d", torch.randn(7, device=DEVICE)),
+        ("later_wrong_channels", torch.randn(4, 6, 5, device=DEVICE)),
+        ("later_integer_input", torch.ones(4, 3, 5, dtype=torch.int32, device=DEVICE)),
     ]:
-        layer = SyncBatchNorm(3)
-        layer(torch.randn(4, 3, 5))  # first call: the channel check runs and passes
+        layer = SyncBatchNorm(3, device=DEVICE)
+        layer(torch.randn(4, 3, 5, device=DEVICE))  # first call: the channel check runs and passes
 
         def call(layer=layer, bad=bad):
-            layer(_bad_on(rank, last, torch.randn(4, 3, 5), bad))
+            layer(_bad_on(rank, last, torch.randn(4, 3, 5, device=DEVICE), bad))
 
         cases.append((name, call))
     return cases
@@ -84,8 +105,8 @@ def run_errors(rank: int, world_size: int) -> dict:
         except Exception as e:
             results[name] = (type(e).__name__, str(e), time.monotonic() - start)
     # The group is still in step: a normal synced call works after all those errors.
-    layer = SyncBatchNorm(3)
-    y = layer(torch.randn(4, 3, 5))
+    layer = SyncBatchNorm(3, device=DEVICE)
+    y = layer(torch.randn(4, 3, 5, device=DEVICE))
     results["still_works"] = (None, str(tuple(y.shape)), 0.0)
     return results
 
