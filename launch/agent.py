@@ -2,12 +2,14 @@
 
 The agent (the machinery behind torchrun) joins the c10d rendezvous, spawns nproc_per_node workers running
 launch.worker.run_worker with the resolved config, restarts the group up to max_restarts times, and reports
-the failing rank's own exception when it gives up.
+the failing rank's own exception (and the file holding its traceback) when it gives up; Ctrl-C stops every
+worker and exits 130 with one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,10 @@ def launch_config(launcher: dict[str, Any], run_dir: Path) -> LaunchConfig:
 
     min_nodes, max_nodes = parse_nnodes(launcher["nnodes"])
     nproc = launcher["nproc_per_node"]
-    rdzv_configs: dict[str, Any] = {"join_timeout": int(launcher["join_timeout_s"])}
+    rdzv_configs: dict[str, Any] = {
+        "join_timeout": int(launcher["join_timeout_s"]),
+        "last_call_timeout": int(launcher["last_call_timeout_s"]),
+    }
     if launcher["is_host"] is not None:
         # c10d guesses whether this node hosts the rendezvous store from its hostname, which fails behind
         # NAT, in containers and in network namespaces; the launcher can say so explicitly.
@@ -53,6 +58,7 @@ def launch_config(launcher: dict[str, Any], run_dir: Path) -> LaunchConfig:
 
 def start(cfg: dict[str, Any], run_dir: Path) -> None:
     """Run this node's share of the job; exit 1 with the failing ranks' errors if the job fails."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -73,14 +79,22 @@ def start(cfg: dict[str, Any], run_dir: Path) -> None:
     except ChildFailedError as e:
         _report_failure(e, run_dir)
         raise SystemExit(1) from None
+    except (KeyboardInterrupt, SignalException) as e:  # the agent has stopped every worker by now
+        sig = signal.Signals(getattr(e, "sigval", signal.SIGINT))
+        print(f"interrupted by {sig.name}: all workers stopped; run directory {run_dir}", file=sys.stderr)
+        raise SystemExit(128 + sig) from None  # the shell's convention: 130 for Ctrl-C
 
 
 def _report_failure(error, run_dir: Path) -> None:
-    """Print the failing rank's own exception, not just 'child failed'."""
+    """Print each failing rank's own exception and the file holding its traceback, not just 'child failed'."""
     failures = getattr(error, "failures", {}) or {}
-    print(f"error: {len(failures) or 'some'} worker(s) failed; logs: {run_dir / 'logs'}", file=sys.stderr)
+    print(f"error: {len(failures) or 'some'} worker(s) failed; run directory {run_dir}", file=sys.stderr)
     for rank, failure in sorted(failures.items())[:4]:
         message = failure.message
         if isinstance(message, dict):
             message = message.get("message", message)
         print(f"  rank {rank} (exit code {failure.exitcode}): {message}", file=sys.stderr)
+        if failure.error_file and Path(failure.error_file).is_file():
+            print(f"    traceback: {failure.error_file}", file=sys.stderr)
+        else:  # killed by a signal: no exception was recorded; its log says how far it got
+            print(f"    log: {run_dir / 'logs' / f'rank{rank}.log'}", file=sys.stderr)

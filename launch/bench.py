@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from syncbn import SyncBatchNorm
 
-from .runtime import Context
+from .runtime import Context, snapshot
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,6 +152,7 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
 
 
 def bench(ctx: Context) -> None:
+    snapshot(ctx)
     cfg = ctx.task
     torch.set_num_threads(cfg["threads"])
     sizes = [w for w in cfg["world_sizes"] if w <= ctx.world_size]

@@ -45,6 +45,7 @@ class Launcher:
     run_id: str = MISSING
     max_restarts: int = MISSING
     join_timeout_s: float = MISSING
+    last_call_timeout_s: float = MISSING
     monitor_interval_s: float = MISSING
     is_host: bool | None = MISSING
     local_addr: str | None = MISSING
@@ -70,6 +71,7 @@ class TrainTask:
     weight_decay: float = MISSING
     checkpoint_every: int = MISSING
     resume: bool = MISSING
+    log_samples: bool = MISSING
     fault: Fault = MISSING
 
 

@@ -76,6 +76,7 @@ def _launcher(launcher: dict[str, Any]) -> None:
         )
     _at_least("launcher.max_restarts", launcher["max_restarts"], 0)
     _at_least("launcher.join_timeout_s", launcher["join_timeout_s"], 0, strict=True)
+    _at_least("launcher.last_call_timeout_s", launcher["last_call_timeout_s"], 1)  # torch: whole seconds > 0
     _at_least("launcher.monitor_interval_s", launcher["monitor_interval_s"], 0, strict=True)
 
 
