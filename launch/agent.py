@@ -9,8 +9,10 @@ worker and exits 130 with one line.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +76,7 @@ def start(cfg: dict[str, Any], run_dir: Path) -> None:
     # A one-node job on loopback keeps the agent's stores off the network (see launch/loopback.py).
     local = max_nodes == 1 and is_loopback(host) and is_loopback(launcher["local_addr"])
     try:
-        with loopback_only() if local else contextlib.nullcontext():
+        with loopback_only() if local else contextlib.nullcontext(), _own_shutdown_notices():
             elastic_launch(launch_config(launcher, run_dir), run_worker)(cfg, str(run_dir))
     except ChildFailedError as e:
         _report_failure(e, run_dir)
@@ -83,6 +85,29 @@ def start(cfg: dict[str, Any], run_dir: Path) -> None:
         sig = signal.Signals(getattr(e, "sigval", signal.SIGINT))
         print(f"interrupted by {sig.name}: all workers stopped; run directory {run_dir}", file=sys.stderr)
         raise SystemExit(128 + sig) from None  # the shell's convention: 130 for Ctrl-C
+
+
+# The agent's own log lines about stopping workers on a signal; start() says it in one line instead.
+_SHUTDOWN_NOTICES = ("Received %s death signal", "Closing process %s via signal")
+_AGENT_LOGGERS = (
+    "torch.distributed.elastic.agent.server.api",
+    "torch.distributed.elastic.multiprocessing.api",
+)
+
+
+@contextlib.contextmanager
+def _own_shutdown_notices() -> Iterator[None]:
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_SHUTDOWN_NOTICES)
+
+    loggers = [logging.getLogger(name) for name in _AGENT_LOGGERS]
+    for log in loggers:
+        log.addFilter(keep)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(keep)
 
 
 def _report_failure(error, run_dir: Path) -> None:

@@ -110,8 +110,8 @@ def _samples_log(ctx: Context, state: TrainState):
     }
 
     def log(index: torch.Tensor) -> None:
-        row = {**attempt, "epoch": state.epoch, "step": state.step, "indices": index.tolist()}
-        report.append_jsonl(path, row)
+        row = {**attempt, "epoch": state.epoch, "step": state.step, "time": time.time()}
+        report.append_jsonl(path, row | {"indices": index.tolist()})
 
     return log
 
