@@ -167,18 +167,26 @@ def check_compatible(file: Path, saved: dict[str, int] | None, current: dict[str
         )
 
 
-def resumable(run_dir: Path, current: dict[str, int], *, required: bool) -> dict[str, Any] | None:
+def resumable(
+    run_dir: Path, current: dict[str, int], *, explicit: bool, job: str | None = None
+) -> dict[str, Any] | None:
     """The checkpoint in ``run_dir`` if this run can resume from it; None if there is none.
 
-    ConfigError if ``required`` (task.resume=true) and there is none, or if it was written with other
-    settings; CheckpointError if it cannot be read. Reads only: a refused resume changes nothing.
+    ConfigError if ``explicit`` (task.resume=true) and there is none; if it is another job's than ``job``
+    (None: do not ask) and the resume is not explicit; if it was written with other settings.
+    CheckpointError if it cannot be read. Reads only: a refused resume changes nothing.
     """
     file = path(run_dir)
     if not file.exists():
-        if required:
+        if explicit:
             raise ConfigError(f"task.resume=true but there is no checkpoint to resume: {file} does not exist")
         return None
     payload = load(file)
+    if job is not None and payload.get("job") != job and not explicit:
+        raise ConfigError(
+            f"{run_dir} holds another job's checkpoint ({payload['step']} steps); pass task.resume=true "
+            "to continue it, or use a new run directory"
+        )
     check_compatible(file, payload.get("run"), current)
     return payload
 
@@ -192,17 +200,7 @@ def resume(ctx: Context, state: TrainState) -> bool:
     by accident. Rank 0 decides and reads the file; every rank gets the same state or the same error.
     """
     explicit = bool(ctx.task["resume"])
-
-    def decide() -> dict[str, Any] | None:
-        payload = resumable(ctx.run_dir, state.run, required=explicit)
-        if payload is not None and payload.get("job") != ctx.job and not explicit:
-            raise ConfigError(
-                f"{ctx.run_dir} holds another job's checkpoint ({payload['step']} steps); pass "
-                "task.resume=true to continue it, or use a new run directory"
-            )
-        return payload
-
-    payload = on_main(ctx, decide)
+    payload = on_main(ctx, lambda: resumable(ctx.run_dir, state.run, explicit=explicit, job=ctx.job))
     if payload is None:
         return False
     if not ctx.is_main:  # rank 0 carries the sums of every rank; the epoch-end all-reduce adds the rest

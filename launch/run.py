@@ -61,6 +61,9 @@ def main() -> None:
     schema.register()
     try:
         hydra.main(config_path=config_path, config_name="config", version_base="1.3")(launch)()
+    except KeyboardInterrupt:  # Ctrl-C before the agent started (it reports its own, launch/agent.py)
+        print("interrupted by SIGINT", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if claimed is not None:
             rundir.finish(claimed)

@@ -174,6 +174,6 @@ def _check_resume(cfg: dict[str, Any], run_dir: Path, *, required: bool) -> None
         return  # nothing to compare with
     size = len(instantiate(cfg["data"]["train"]))
     try:
-        checkpoint.resumable(run_dir, checkpoint.run_record(cfg, 0, size), required=required)
+        checkpoint.resumable(run_dir, checkpoint.run_record(cfg, 0, size), explicit=required)
     except checkpoint.CheckpointError as e:
         raise ConfigError(str(e)) from None

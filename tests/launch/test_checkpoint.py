@@ -92,9 +92,20 @@ def test_resume_refuses_changed_settings_in_one_line_naming_them(tmp_path):
 
 
 def test_resume_true_without_a_checkpoint_is_an_error(tmp_path):
-    assert resumable(tmp_path, run_record(CFG, 2, 30), required=False) is None
+    assert resumable(tmp_path, run_record(CFG, 2, 30), explicit=False) is None
     with pytest.raises(ConfigError, match=r"task\.resume=true but there is no checkpoint to resume"):
-        resumable(tmp_path, run_record(CFG, 2, 30), required=True)
+        resumable(tmp_path, run_record(CFG, 2, 30), explicit=True)
+
+
+def test_only_the_same_job_resumes_without_being_asked(tmp_path):
+    state = make_state()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state.state_dict() | {"job": "job-a"}, tmp_path / "checkpoints" / "last.pt")
+    current = run_record(CFG, 1, 30)  # a restart at another world size: still the same run
+    assert resumable(tmp_path, current, explicit=False, job="job-a")["job"] == "job-a"
+    with pytest.raises(ConfigError, match="holds another job's checkpoint"):
+        resumable(tmp_path, current, explicit=False, job="job-b")
+    assert resumable(tmp_path, current, explicit=True, job="job-b")["step"] == 0  # asked for: resumes
 
 
 @pytest.mark.parametrize(
