@@ -4,11 +4,16 @@ The agent (the machinery behind torchrun) joins the c10d rendezvous, spawns npro
 launch.worker.run_worker with the resolved config, restarts the group up to max_restarts times, and reports
 the failing rank's own exception when it gives up. A node of a multi-node job first works out its place on
 the network (launch/network.py), and every wait of its agent is bounded by timeout_s (launch/waits.py).
+The failing rank's traceback file is named; Ctrl-C stops every worker and exits 130 with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +40,10 @@ def launch_config(
 
     min_nodes, max_nodes = parse_nnodes(launcher["nnodes"])
     nproc = launcher["nproc_per_node"]
-    rdzv_configs: dict[str, Any] = {"join_timeout": int(launcher["join_timeout_s"])}
+    rdzv_configs: dict[str, Any] = {
+        "join_timeout": int(launcher["join_timeout_s"]),
+        "last_call_timeout": int(launcher["last_call_timeout_s"]),
+    }
     # c10d guesses whether this node hosts the rendezvous store from its hostname, which fails behind
     # NAT, in containers and in network namespaces; multi-node agents work it out from their addresses.
     is_host = net.is_host if net else launcher["is_host"]
@@ -65,6 +73,8 @@ def launch_config(
 
 def start(cfg: dict[str, Any], run_dir: Path) -> None:
     """Run this node's share of the job; exit 1 with one line (or the failing ranks' errors) if it fails."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+
     launcher = cfg["launcher"]
     _, max_nodes = parse_nnodes(launcher["nnodes"])
     host = launcher["rdzv_endpoint"].rpartition(":")[0]
@@ -78,11 +88,38 @@ def start(cfg: dict[str, Any], run_dir: Path) -> None:
     local = max_nodes == 1 and is_loopback(host) and is_loopback(launcher["local_addr"])
     try:
         net = None if local else network.prepare(launcher)
-        with loopback_only() if local else waits.bounded_agent(cfg["timeout_s"]):
+        with loopback_only() if local else waits.bounded_agent(cfg["timeout_s"]), _own_shutdown_notices():
             _elastic_launch(cfg, run_dir, net)
     except NetworkError as e:  # a network problem the user can fix: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (KeyboardInterrupt, SignalException) as e:  # the agent has stopped every worker by now
+        sig = signal.Signals(getattr(e, "sigval", signal.SIGINT))
+        print(f"interrupted by {sig.name}: all workers stopped; run directory {run_dir}", file=sys.stderr)
+        raise SystemExit(128 + sig) from None  # the shell's convention: 130 for Ctrl-C
+
+
+# The agent's own log lines about stopping workers on a signal; start() says it in one line instead.
+_SHUTDOWN_NOTICES = ("Received %s death signal", "Closing process %s via signal")
+_AGENT_LOGGERS = (
+    "torch.distributed.elastic.agent.server.api",
+    "torch.distributed.elastic.multiprocessing.api",
+)
+
+
+@contextlib.contextmanager
+def _own_shutdown_notices() -> Iterator[None]:
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_SHUTDOWN_NOTICES)
+
+    loggers = [logging.getLogger(name) for name in _AGENT_LOGGERS]
+    for log in loggers:
+        log.addFilter(keep)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(keep)
 
 
 def _elastic_launch(cfg: dict[str, Any], run_dir: Path, net: NodeNetwork | None) -> None:
@@ -106,13 +143,17 @@ def _elastic_launch(cfg: dict[str, Any], run_dir: Path, net: NodeNetwork | None)
 def _report_failure(error, run_dir: Path, timeout_s: float | None = None) -> None:
     """Print the failing rank's own exception, not just 'child failed' (with a hint when multi-node)."""
     failures = getattr(error, "failures", {}) or {}
-    print(f"error: {len(failures) or 'some'} worker(s) failed; logs: {run_dir / 'logs'}", file=sys.stderr)
+    print(f"error: {len(failures) or 'some'} worker(s) failed; run directory {run_dir}", file=sys.stderr)
     hints = set()
     for rank, failure in sorted(failures.items())[:4]:
         message = failure.message
         if isinstance(message, dict):
             message = message.get("message", message)
         print(f"  rank {rank} (exit code {failure.exitcode}): {waits.one_line(message)}", file=sys.stderr)
+        if failure.error_file and Path(failure.error_file).is_file():
+            print(f"    traceback: {failure.error_file}", file=sys.stderr)
+        else:  # killed by a signal: no exception was recorded; its log says how far it got
+            print(f"    log: {run_dir / 'logs' / f'rank{rank}.log'}", file=sys.stderr)
         if timeout_s is not None:
             hints.add(waits.hint(str(message), timeout_s))
     for line in sorted(h for h in hints if h):

@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 from . import bench_cuda
-from .runtime import Context
+from .runtime import Context, snapshot
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -312,6 +312,7 @@ def _log_row(ctx: Context, row: dict[str, Any]) -> None:
 
 
 def bench(ctx: Context) -> None:
+    snapshot(ctx)
     cfg = ctx.task
     torch.set_num_threads(cfg["threads"])
     sizes = [w for w in cfg["world_sizes"] if w <= ctx.world_size]

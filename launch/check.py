@@ -17,7 +17,7 @@ import torch.distributed as dist
 from syncbn import SyncBatchNorm
 from syncbn.testing import compare_step, reference_batch_norm, rows_of
 
-from .runtime import Context, sync_group
+from .runtime import Context, snapshot, sync_group
 
 
 def uneven_splits(total: int, parts: int) -> list[int]:
@@ -64,6 +64,7 @@ def _all_reduce_latency_us(ctx: Context, numel: int, iters: int) -> float:
 
 
 def check(ctx: Context) -> None:
+    snapshot(ctx)
     c = ctx.task
     group = sync_group(ctx)
     err = torch.tensor([_max_error(ctx, group)], dtype=torch.float64, device=ctx.device)

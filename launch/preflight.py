@@ -30,15 +30,26 @@ def preflight(argv: list[str], cuda_available: bool | None = None) -> None:
             "launch.run starts its own workers and cannot run inside an elastic job "
             f"(found {', '.join(found)}); under torchrun/srun use: torchrun ... -m launch.worker <overrides>"
         )
-    flags = {arg.partition("=")[0] for arg in argv if arg.startswith("-")}
+    flags, overrides = split_argv(argv)
     if flags & _HANDS_OFF:
         return
-    overrides = [arg for arg in argv if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
     multirun = bool(flags & {"-m", "--multirun"})
     for job in sweep_points(overrides) if multirun else [overrides]:
         cfg = compose(job)
         if not flags & _PRINT_ONLY:
             validate(cfg, cuda_available=cuda_available, world_size=fixed_world_size(cfg))
+
+
+def split_argv(argv: list[str]) -> tuple[set[str], list[str]]:
+    """(Hydra flags, config overrides) of a launch.run command line."""
+    flags = {arg.partition("=")[0] for arg in argv if arg.startswith("-")}
+    overrides = [arg for arg in argv if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
+    return flags, overrides
+
+
+def starts_jobs(flags: set[str]) -> bool:
+    """Whether launch.run with these flags runs jobs (not: prints, or leaves the config to Hydra)."""
+    return not flags & (_HANDS_OFF | _PRINT_ONLY)
 
 
 def sweep_points(overrides: list[str]) -> list[list[str]]:

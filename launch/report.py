@@ -17,9 +17,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    append_jsonl(run_dir / "metrics.jsonl", row)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -7,11 +7,13 @@ python -m launch.run launcher=multinode launcher.nnodes=2 launcher.rdzv_endpoint
 python -m launch.run --cfg job                         # print the composed config, start nothing
 
 Flow: preflight (every job's config composed and validated: bad ones exit 2 with one line, before Hydra
-makes a run directory) -> Hydra composes and resolves -> launch/agent.py -> launch/worker.py on each rank.
+makes a run directory) -> launch/rundir.py claims the run directory -> Hydra composes and resolves ->
+launch/agent.py -> launch/worker.py on each rank.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -43,19 +45,32 @@ def launch(cfg) -> None:
 def main() -> None:
     import hydra
 
-    from . import network, schema
-    from .preflight import preflight
+    from . import network, rundir, schema
+    from .preflight import preflight, split_argv, starts_jobs
 
+    flags, overrides = split_argv(sys.argv[1:])
+    claimed = None
     try:
         config_path = str(conf_dir())
         with waits.quiet_agent():  # preflight imports torch for device=cuda: then it is the agent's torch
             preflight(sys.argv[1:])
+        if starts_jobs(flags):  # this job's own run directory, before Hydra writes anything into it
+            claimed, hydra_dir = rundir.prepare(overrides, multirun=bool(flags & {"-m", "--multirun"}))
+            sys.argv.append(hydra_dir)
+            os.environ[rundir.JOB_ENV] = claimed.token  # the workers inherit it
     except ConfigError as e:  # one clear line, no traceback wall, no run directory left behind
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     schema.register()
     network.register_resolvers()  # ${syncbn.node:}: each node's own folder in a shared run directory
-    hydra.main(config_path=config_path, config_name="config", version_base="1.3")(launch)()
+    try:
+        hydra.main(config_path=config_path, config_name="config", version_base="1.3")(launch)()
+    except KeyboardInterrupt:  # Ctrl-C before the agent started (it reports its own, launch/agent.py)
+        print("interrupted by SIGINT", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if claimed is not None:
+            rundir.finish(claimed)
 
 
 if __name__ == "__main__":

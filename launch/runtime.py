@@ -11,17 +11,21 @@ import datetime
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from syncbn import comms
 
+from .config import save_config
 from .validate import backend_for, check_group_size
 from .waits import init_failed
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Context:
     backend: str
     restart_count: int
     log: logging.Logger
+    job: str = ""  # the token of the job that claimed run_dir (launch/rundir.py); set by the worker entry
 
     @property
     def is_main(self) -> bool:
@@ -145,6 +150,13 @@ def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
     return ctx
 
 
+def snapshot(ctx: Context) -> None:
+    """Write the job's config snapshot (rank 0 only), once the task knows it will run: a refused resume
+    leaves the run directory as it was. One snapshot per job, however many nodes share the directory."""
+    if ctx.is_main:
+        save_config(ctx.cfg, ctx.run_dir)
+
+
 def sync_group(ctx: Context):
     """The process group SyncBN layers reduce over: the world, or this rank's block of group_size ranks."""
     size = ctx.cfg["norm"].get("group_size")
@@ -159,3 +171,31 @@ def teardown() -> None:
     """Leave the process group (every task ends here, failed or not)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_main(ctx: Context, decide: Callable[[], T]) -> T:
+    """Run ``decide()`` on rank 0 and return its result on every rank; if it raises, every rank raises.
+
+    For decisions that read the run directory (claim it, resume from it): one answer for all ranks,
+    whatever each node's disk shows, and no rank left waiting in a collective while another has failed.
+    """
+    box: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            box[0] = (True, decide())
+        except Exception as e:
+            # Sent as its class and message (an exception object need not pickle); rank 0 re-raises its own.
+            box[0] = (False, (type(e), str(e)))
+            error = e
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if ok:
+        return value
+    if ctx.is_main:
+        raise error
+    kind, message = value
+    try:
+        error = kind(message) if issubclass(kind, (ValueError, RuntimeError)) else None
+    except TypeError:  # a type that takes other arguments than a message
+        error = None
+    raise error or RuntimeError(f"rank 0: {kind.__name__}: {message}")

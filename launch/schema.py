@@ -46,6 +46,7 @@ class Launcher:
     max_restarts: int = MISSING
     join_timeout_s: float = MISSING  # the rendezvous waiting for all nodes
     connect_timeout_s: float = MISSING  # a node waiting for the head's rendezvous store (launch/network.py)
+    last_call_timeout_s: float = MISSING
     monitor_interval_s: float = MISSING
     is_host: bool | None = MISSING  # None: worked out from the route to the endpoint (launch/network.py)
     local_addr: str | None = MISSING
@@ -72,6 +73,7 @@ class TrainTask:
     weight_decay: float = MISSING
     checkpoint_every: int = MISSING
     resume: bool = MISSING
+    log_samples: bool = MISSING
     fault: Fault = MISSING
 
 

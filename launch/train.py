@@ -1,12 +1,15 @@
 """task=train: the main job. DDP + SyncBN (or plain BN) on a sharded dataset, held-out evaluation each epoch.
 
 Rank 0 writes metrics.jsonl, checkpoints/last.pt (atomically, every task.checkpoint_every steps and at each
-epoch end), summary.json and curves.png; a restarted group resumes from the checkpoint without losing a step.
+epoch end), summary.json and curves.png; a restarted group resumes from the checkpoint without losing a step,
+at the same or another world size (the data position and the learning rate follow global samples).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 from typing import Any
 
 import torch
@@ -14,14 +17,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from syncbn import convert_sync_batchnorm
 
 from . import checkpoint, report
 from .checkpoint import TrainState
 from .fault import inject_fault
-from .runtime import Context, sync_group
+from .runtime import Context, snapshot, sync_group
+from .sampler import Indexed, ResumableSampler
 
 
 def build_model(ctx: Context) -> torch.nn.Module:
@@ -33,18 +37,18 @@ def build_model(ctx: Context) -> torch.nn.Module:
     return model.to(ctx.device)
 
 
-def _optimizer(model: torch.nn.Module, settings: dict[str, Any], total_steps: int):
-    """SGD with momentum and a cosine learning-rate schedule over the whole run."""
-    opt = torch.optim.SGD(
+def _optimizer(model: torch.nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
         model.parameters(),
         lr=settings["lr"],
         momentum=settings["momentum"],
         weight_decay=settings["weight_decay"],
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, total_steps)))
-    )
-    return opt, sched
+
+
+def _lr(state: TrainState, base: float) -> float:
+    """Cosine schedule over the run's samples (not steps: a restart at another world size keeps it)."""
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, state.progress())))
 
 
 def train(ctx: Context) -> None:
@@ -52,42 +56,64 @@ def train(ctx: Context) -> None:
     train_set, test_set = instantiate(ctx.cfg["data"]["train"]), instantiate(ctx.cfg["data"]["test"])
     model = build_model(ctx)
     ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    # Padding (drop_last=False) gives every rank the same number of steps: SyncBN needs all ranks each step.
-    sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=ctx.cfg["seed"])
-    loader = DataLoader(train_set, batch_size=settings["batch_size"], sampler=sampler)
-    total_steps = len(loader) * settings["epochs"]
-    state = TrainState(model, *_optimizer(model, settings, total_steps), ctx.world_size, ctx.device)
-    checkpoint.resume(ctx, state)
-    progress = _progress(ctx, total_steps, state.step)
+    run = checkpoint.run_record(ctx.cfg, ctx.world_size, len(train_set))
+    state = TrainState(model, _optimizer(model, settings), run, ctx.device)
+    checkpoint.resume(ctx, state)  # may refuse (on every rank) before anything is written
+    snapshot(ctx)
+    state.world_sizes.append(ctx.world_size)
+    sampler = ResumableSampler(len(train_set), ctx.world_size, ctx.rank, ctx.cfg["seed"])
+    loader = DataLoader(Indexed(train_set), batch_size=settings["batch_size"], sampler=sampler)
+    progress = _progress(ctx, state, sampler)
+    samples = _samples_log(ctx, state) if settings["log_samples"] else None
     while state.epoch < settings["epochs"]:
-        sampler.set_epoch(state.epoch)
-        _train_epoch(ctx, state, ddp, loader, progress)
+        # Padding (drop_last=False) gives every rank the same number of steps: SyncBN needs all ranks.
+        sampler.set_epoch(state.epoch, start=state.samples_in_epoch)
+        _train_epoch(ctx, state, ddp, loader, progress, samples)
         _end_epoch(ctx, state, test_set, progress)
     progress.close()
     if ctx.is_main:
         _finish(ctx, state)
 
 
-def _train_epoch(ctx: Context, state: TrainState, ddp, loader: DataLoader, progress) -> None:
-    """The rest of the current epoch: skips what a resumed checkpoint already trained on."""
+def _train_epoch(ctx: Context, state: TrainState, ddp, loader: DataLoader, progress, samples) -> None:
+    """The rest of the current epoch (the sampler starts where a resumed checkpoint stopped)."""
     settings = ctx.task
-    skip = state.batches_done(settings["batch_size"])
-    for i, (x, y) in enumerate(loader):
-        if i < skip:
-            continue  # trained before the restart
+    for i, (x, y, index) in enumerate(loader):
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         inject_fault(ctx, settings["fault"], state.model, state.step + 1)
+        for group in state.optimizer.param_groups:
+            group["lr"] = _lr(state, settings["lr"])
         logits = ddp(x)
         loss = F.cross_entropy(logits, y)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
-        state.scheduler.step()
-        state.record_batch(loss, logits, y, settings["batch_size"])
+        state.record_batch(loss, logits, y)
+        if samples is not None:
+            samples(index)
         progress.update(1)
         every = settings["checkpoint_every"]
         if every and state.step % every == 0 and i + 1 < len(loader):
             checkpoint.save(ctx, state)  # mid-epoch; the epoch's end writes its own
+
+
+def _samples_log(ctx: Context, state: TrainState):
+    """task.log_samples: each rank appends the dataset indices of every step to samples/, one file per
+    worker process (attempts and ranks apart), to audit what a resume skipped or repeated."""
+    path = ctx.run_dir / "samples" / f"rank{ctx.rank}-pid{os.getpid()}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    attempt = {
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
+        "started": time.time(),
+        "from_step": state.step,
+    }
+
+    def log(index: torch.Tensor) -> None:
+        row = {**attempt, "epoch": state.epoch, "step": state.step, "time": time.time()}
+        report.append_jsonl(path, row | {"indices": index.tolist()})
+
+    return log
 
 
 def _end_epoch(ctx: Context, state: TrainState, test_set: Dataset, progress) -> None:
@@ -102,7 +128,7 @@ def _end_epoch(ctx: Context, state: TrainState, test_set: Dataset, progress) -> 
         "train_accuracy": (sums[1] / sums[2]).item(),
         "test_loss": test_loss,
         "test_accuracy": test_acc,
-        "lr": state.scheduler.get_last_lr()[0],
+        "lr": _lr(state, ctx.task["lr"]),  # for the next step
         "seconds": round(state.elapsed(), 3),
     }
     state.finish_epoch()
@@ -135,11 +161,19 @@ def evaluate(ctx: Context, model: torch.nn.Module, dataset: Dataset) -> tuple[fl
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
-def _progress(ctx: Context, total: int, done: int):
+def _progress(ctx: Context, state: TrainState, sampler: ResumableSampler):
     """A tqdm bar on rank 0 when its console is a terminal; elsewhere a silent stand-in."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, disable=None if ctx.is_main else True, unit="step", leave=False)
+    def steps(start: int) -> int:  # of an epoch from ``start`` global samples in, at this world size
+        return math.ceil(math.ceil((sampler.size - start) / ctx.world_size) / ctx.task["batch_size"])
+
+    epochs_after = max(0, ctx.task["epochs"] - state.epoch - 1)
+    left = steps(min(state.samples_in_epoch, sampler.size)) + epochs_after * steps(0)
+    total = state.step + (left if state.epoch < ctx.task["epochs"] else 0)
+    return tqdm(
+        total=total, initial=state.step, disable=None if ctx.is_main else True, unit="step", leave=False
+    )
 
 
 def _finish(ctx: Context, state: TrainState) -> None:
@@ -154,6 +188,7 @@ def _finish(ctx: Context, state: TrainState) -> None:
         "best_accuracy": max(r["test_accuracy"] for r in rows),
         "final_loss": rows[-1]["test_loss"],
         "world_size": ctx.world_size,
+        "world_sizes": state.world_sizes,  # of every attempt that trained (elastic membership changes)
         "norm": cfg["norm"]["name"],
         "group_size": cfg["norm"].get("group_size"),
         "batch_size": settings["batch_size"],

@@ -78,6 +78,7 @@ def _launcher(launcher: dict[str, Any]) -> None:
     _at_least("launcher.max_restarts", launcher["max_restarts"], 0)
     for key in ("join_timeout_s", "connect_timeout_s", "monitor_interval_s"):
         _at_least(f"launcher.{key}", launcher[key], 0, strict=True)
+    _at_least("launcher.last_call_timeout_s", launcher["last_call_timeout_s"], 1)  # torch: whole seconds > 0
 
 
 def _norm(norm: dict[str, Any], world_size: int | None) -> None:

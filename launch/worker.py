@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import bench, check, train
-from .config import ConfigError, compose, save_config
-from .runtime import setup, teardown
+from . import bench, check, rundir, train
+from .config import ConfigError, compose
+from .runtime import Context, on_main, setup, teardown
 from .validate import validate
 
 # task.name -> the function that runs it on every rank.
@@ -24,13 +24,25 @@ TASKS = {"train": train.train, "check": check.check, "bench": bench.bench}
 
 def run_worker(cfg: dict[str, Any], run_dir: str) -> None:
     """Elastic entry point (a picklable function): run the configured task on this rank."""
-    ctx = setup(cfg, Path(run_dir))
     try:
-        if ctx.is_main:
-            save_config(cfg, ctx.run_dir)  # one snapshot per job, however many nodes share the run dir
-        TASKS[cfg["task"]["name"]](ctx)
-    finally:
-        teardown()
+        ctx = setup(cfg, Path(run_dir))
+        try:
+            ctx.job = _job(ctx)
+            TASKS[cfg["task"]["name"]](ctx)
+        finally:
+            teardown()
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too: the launcher reports it, in one line
+        raise SystemExit(130) from None
+
+
+def _job(ctx: Context) -> str:
+    """This job's token: from launch.run, which claimed the run directory; else rank 0 claims it here."""
+    token = os.environ.get(rundir.JOB_ENV)
+    if token:
+        return token
+    key = f"elastic:{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}"  # torchrun, srun, Kubeflow
+    resume = bool(ctx.task.get("resume", False))
+    return on_main(ctx, lambda: rundir.claim(ctx.run_dir, key, resume=resume).token)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,19 @@ def run(args: list[str], timeout: float = 100, env: dict | None = None) -> subpr
     )
 
 
+def start(args: list[str], env: dict | None = None, **popen) -> subprocess.Popen:
+    """``python <args>`` from the repository root, in the background; stdout and stderr piped as text."""
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env or clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,10 @@ def test_failing_rank_reports_its_exception(tmp_path):
     )
     assert proc.returncode == 1
     assert "NoSuchDataset" in proc.stderr and re.search(r"rank \d \(exit code 1\)", proc.stderr)
+    # Each failing rank's line is followed by the file that holds its traceback.
+    files = re.findall(r"^    traceback: (.+error\.json)$", proc.stderr, re.M)
+    assert files and all(Path(f).is_relative_to(tmp_path / "elastic") for f in files), proc.stderr
+    assert "NoSuchDataset" in json.loads(Path(files[0]).read_text())["message"]["message"]
 
 
 # Every way the issue tracker saw a config fail late (types, values, keys, options), and one sweep point.
@@ -70,6 +75,8 @@ BAD_CONFIGS = [
     (["task.fault.kind=kill", "task.fault.rank=2"], "task.fault.rank=2 is not a rank of the 2 ranks"),
     (["task=check", "norm.group_size=3"], "norm.group_size=3 does not divide the world size 2"),
     (["launcher.nproc_per_node=0"], "launcher.nproc_per_node must be >= 1, got 0"),
+    (["launcher.max_restarts=-1"], "launcher.max_restarts must be >= 0, got -1"),
+    (["launcher.last_call_timeout_s=0.5"], "launcher.last_call_timeout_s must be >= 1, got 0.5"),
     (["no_such_key=1"], "Key 'no_such_key' not in 'Config'"),
     (["task=check", "task.epochs=1"], "Key 'epochs' not in 'CheckTask'"),
     (["norm=nope"], "Could not find 'norm/nope' (options: bn, syncbn)"),
