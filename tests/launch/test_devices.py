@@ -44,8 +44,9 @@ def make_state(device: torch.device) -> TrainState:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return TrainState(model, opt, sched, 1, device)
+    # The run record of SMALL (16 training images, one rank), so a resume under make_ctx() accepts it.
+    run = {"world_size": 1, "batch_size": 4, "dataset_size": 16, "epochs": 1, "seed": 0}
+    return TrainState(model, opt, run, device)
 
 
 def one_step(state: TrainState, batch: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,7 +57,7 @@ def one_step(state: TrainState, batch: int = 5) -> tuple[torch.Tensor, torch.Ten
     state.optimizer.zero_grad()
     loss.backward()
     state.optimizer.step()
-    state.record_batch(loss, logits, y, batch)
+    state.record_batch(loss, logits, y)
     return loss, logits, y
 
 
