@@ -15,7 +15,7 @@ from typing import Any
 
 from . import bench, check, rundir, train
 from .config import ConfigError, compose
-from .runtime import Context, on_main, setup, teardown
+from .runtime import setup, teardown
 from .validate import validate
 
 # task.name -> the function that runs it on every rank.
@@ -25,9 +25,10 @@ TASKS = {"train": train.train, "check": check.check, "bench": bench.bench}
 def run_worker(cfg: dict[str, Any], run_dir: str) -> None:
     """Elastic entry point (a picklable function): run the configured task on this rank."""
     try:
+        job = _job(cfg, Path(run_dir))  # before setup() writes this rank's log into the directory
         ctx = setup(cfg, Path(run_dir))
         try:
-            ctx.job = _job(ctx)
+            ctx.job = job
             TASKS[cfg["task"]["name"]](ctx)
         finally:
             teardown()
@@ -35,14 +36,17 @@ def run_worker(cfg: dict[str, Any], run_dir: str) -> None:
         raise SystemExit(130) from None
 
 
-def _job(ctx: Context) -> str:
-    """This job's token: from launch.run, which claimed the run directory; else rank 0 claims it here."""
+def _job(cfg: dict[str, Any], run_dir: Path) -> str:
+    """This job's token: from launch.run, which claimed the run directory; else this job claims it here.
+
+    Every rank of an external launcher's job claims with the same key (its elastic run id): the first
+    creates the marker atomically, the others (and restarted workers) join it.
+    """
     token = os.environ.get(rundir.JOB_ENV)
     if token:
         return token
     key = f"elastic:{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}"  # torchrun, srun, Kubeflow
-    resume = bool(ctx.task.get("resume", False))
-    return on_main(ctx, lambda: rundir.claim(ctx.run_dir, key, resume=resume).token)
+    return rundir.claim(run_dir, key, resume=bool(cfg["task"].get("resume", False))).token
 
 
 def main(argv: list[str] | None = None) -> None:
