@@ -60,7 +60,10 @@ def environment(torch) -> dict[str, Any]:
 
     from launch.bench_cuda import device_info
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:  # a copy of the checkout without .git, or a machine without git, has no commit to name
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    except OSError:
+        commit = ""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
@@ -68,7 +71,7 @@ def environment(torch) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
-        "git_commit": commit.stdout.strip() or None,
+        "git_commit": commit.strip() or None,
     }
 
 

@@ -231,3 +231,16 @@ def test_results_add_up_across_runs_and_fail_the_exit_code(docs):
     assert results["passed"] is False and results["environment"]["gpus"] == ["Test GPU"]
     log = (docs / "test-gpu.log").read_text()
     assert log.startswith("make test-gpu on Test GPU: torch 2.11.0, CUDA 13.0") and "skipped: why" in log
+
+
+def test_the_environment_names_the_gpu_the_versions_and_the_commit(monkeypatch):
+    import launch.bench_cuda
+
+    info = {"gpu": "Fake GPU", "cuda": "13.0", "cudnn": 91000, "nccl": "2.27.7"}
+    monkeypatch.setattr(launch.bench_cuda, "device_info", lambda device: info)
+    cuda = SimpleNamespace(device_count=lambda: 2, get_device_name=lambda i: f"Fake GPU {i}")
+    fake_torch = SimpleNamespace(cuda=cuda, device=lambda *a: a, __version__="2.11.0+cu130")
+    env = gpu_suite.environment(fake_torch)
+    assert env["gpus"] == ["Fake GPU 0", "Fake GPU 1"] and env["torch"] == "2.11.0+cu130"
+    assert env["cuda"] == "13.0" and env["nccl"] == "2.27.7" and env["python"] == sys.version.split()[0]
+    assert env["date"].endswith("+00:00") and len(env["git_commit"] or "0" * 40) == 40
