@@ -47,6 +47,8 @@ MACHINE = [
     ("matplotlib", "matplotlib", ">=3.7"),
     ("scikit-learn", "sklearn", ">=1.3"),
 ]
+# Optional: the tests that use them skip where they do not import (the lent GPU machines have both).
+OPTIONAL = [("lightning", "lightning", ">=2.2"), ("timm", "timm", ">=0.9")]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 
 
