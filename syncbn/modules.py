@@ -23,13 +23,16 @@ _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
 # rank that builds the same model, so a call tag can tell layers apart without any exchange, even when a
 # rank built other SyncBatchNorm layers first that never sync (say, rank 0 alone, in eval mode).
 _CONSTRUCTED = itertools.count(1)
-_FIRST_SYNCED: list = [None, 0]  # [world token, construction number of the first layer that synced]
+# Per sync group: (world token, construction number of the first layer that synced on that group). Per
+# group, because ranks may have synced other layers on other groups first (bench: W=2 rows, then W=4).
+_FIRST_SYNCED: dict = {}
 
 
-def _layer_id(constructed: int, token: Any) -> int:
-    if _FIRST_SYNCED[0] is not token:
-        _FIRST_SYNCED[:] = [token, constructed]
-    return constructed - _FIRST_SYNCED[1] + 1  # the first layer that syncs is #1; 0 is the functional form's
+def _layer_id(constructed: int, token: Any, group: Any) -> int:
+    first = _FIRST_SYNCED.get(group)
+    if first is None or first[0] is not token:
+        first = _FIRST_SYNCED[group] = (token, constructed)
+    return constructed - first[1] + 1  # the first layer that syncs is #1; 0 is the functional form's
 
 
 class _SyncState:
@@ -97,7 +100,7 @@ class SyncBatchNorm(_BatchNorm):
         if state is None or state.token is not token or state.process_group is not self.process_group:
             sync = comms.world_size(self.process_group) > 1
             group = comms.private_group(self.process_group) if sync else None
-            layer_id = _layer_id(self._constructed, token) if sync else 0
+            layer_id = _layer_id(self._constructed, token, group) if sync else 0
             state = self._sync_state = _SyncState(token, self.process_group, sync, group, layer_id)
         return state
 
