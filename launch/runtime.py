@@ -101,6 +101,10 @@ def cuda_device(local_rank: int, local_world: int, backend: str, gpus: int) -> t
     return torch.device("cuda", local_rank % gpus)
 
 
+# How much longer than timeout_s the process group's other collectives (DDP's) wait; see setup().
+OTHER_COLLECTIVES_GRACE = datetime.timedelta(seconds=5)
+
+
 def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
     """Read the launcher's environment, pick the device, init the process group with a timeout."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -122,7 +126,9 @@ def setup(cfg: dict[str, Any], run_dir: Path) -> Context:
             store=_store(world_size, restart_count, timeout),
             rank=rank,
             world_size=world_size,
-            timeout=timeout,
+            # SyncBN's own collectives give up first: when ranks fall out of step (one skips a layer), the
+            # error that says why is the first one the agent reports, not DDP's bare timeout on the other.
+            timeout=timeout + OTHER_COLLECTIVES_GRACE,
         )
     except RuntimeError as e:  # store or peers unreachable: one line naming both and the fix
         raise init_failed(e, backend, rank, world_size, timeout.total_seconds()) from e
