@@ -10,9 +10,11 @@ hits every variant alike; every variant starts after a barrier, so a late peer i
           timed like our step, so it pays the same in-step waits any synchronous SyncBN pays
   naive   autograd SyncBN (count all-reduce, then sums; autograd backward)
   torch   torch.nn.SyncBatchNorm (CUDA only; at world size 1 both synced paths: see launch/bench_cuda.py)
+  compiled  ours under torch.compile (task.compile; world size 2, float32 rows), compile_s its first call
 floor_ratio = syncbn / (local + comm); insitu_ratio = syncbn / insitu; naive_speedup = naive / syncbn;
-ops = ATen ops one layer step dispatches (torch.profiler, top level). Then one training step of the
-configured model (DDP + SGD) with task.network_images images per rank: syncbn vs bn vs naive.
+compiled_speedup = syncbn / compiled; ops = ATen ops one layer step dispatches (torch.profiler, top
+level). Then one training step of the configured model (DDP + SGD) with task.network_images images per
+rank: syncbn vs bn vs naive, and with task.compile at world size 2 syncbn_compiled and bn_compiled.
 On CUDA each row also counts the GPU kernels and host syncs of one step of every variant.
 """
 
@@ -35,6 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 from syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 from . import bench_cuda
+from .models import compile_model
 from .runtime import Context, snapshot
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,12 +140,15 @@ def _inputs(ctx: Context, case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return x.requires_grad_(True), dy
 
 
-def _variants(ctx: Context, x, dy, group, world: int) -> tuple[dict, dict, Callable[[], None]]:
+def _variants(
+    ctx: Context, x, dy, group, world: int, compiled: bool
+) -> tuple[dict, dict, Callable[[], None]]:
     """Every variant's timed step, its forward alone (for the memory figure), and a grad reset."""
     c, dev = x.shape[1], ctx.device
     weight = torch.ones(c, device=dev, requires_grad=True)
     bias = torch.zeros(c, device=dev, requires_grad=True)
     ours = SyncBatchNorm(c, process_group=group, device=dev)
+    theirs = SyncBatchNorm(c, process_group=group, device=dev)  # compiled (if compiled)
     rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
     # The communication floor, in float64 like the layer's payloads
     fwd_stats = torch.zeros(2 * c + 1, dtype=torch.float64, device=dev)
@@ -165,7 +171,7 @@ def _variants(ctx: Context, x, dy, group, world: int) -> tuple[dict, dict, Calla
             dist.all_reduce(bwd_stats, group=group)
 
     def clear():
-        for t in (x, weight, bias, ours.weight, ours.bias):
+        for t in (x, weight, bias, ours.weight, ours.bias, theirs.weight, theirs.bias):
             t.grad = None
 
     forwards = {
@@ -180,6 +186,9 @@ def _variants(ctx: Context, x, dy, group, world: int) -> tuple[dict, dict, Calla
         "insitu": insitu,
         "naive": lambda: forwards["naive"]().backward(dy),
     }
+    if compiled:
+        run = compile_model(theirs, dev)
+        variants["compiled"] = lambda: run(x).backward(dy)
     if dev.type == "cuda":
         variants.update(bench_cuda.torch_variants(x, dy, group, world))
     return variants, forwards, clear
@@ -223,10 +232,25 @@ def time_interleaved(
     return dict(zip(times, packed.tolist(), strict=True))
 
 
+def _compiles(ctx: Context, world: int, dtype: str = "float32") -> bool:
+    return bool(ctx.task["compile"]) and world == 2 and dtype == "float32"
+
+
+def _first_call_seconds(fn: Callable[[], Any], after: Callable[[], None] | None = None) -> float:
+    """Seconds of the untimed first call of a compiled variant (its compile), so warm-up rounds are fair."""
+    start = time.perf_counter()
+    fn()
+    if after is not None:
+        after()
+    return round(time.perf_counter() - start, 2)
+
+
 def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup: int) -> dict[str, Any]:
     """One layer row: times, ratios, ATen ops per step and saved-for-backward memory."""
     x, dy = _inputs(ctx, case)
-    variants, forwards, clear = _variants(ctx, x, dy, group, world)
+    compiled = _compiles(ctx, world, case["dtype"])
+    variants, forwards, clear = _variants(ctx, x, dy, group, world, compiled)
+    compile_s = _first_call_seconds(variants["compiled"], clear) if compiled else None
     ms = time_interleaved(variants, ctx.device, group, world, rounds=rounds, warmup=warmup, after=clear)
     if ctx.device.type == "cuda":  # every rank of the group profiles the same variants in the same order
         clear()
@@ -241,6 +265,8 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
         "insitu_ratio": round(ms["syncbn"] / ms["insitu"], 3),
         "naive_speedup": round(ms["naive"] / ms["syncbn"], 3),
     }
+    if compiled:
+        row.update(compiled_speedup=round(ms["syncbn"] / ms["compiled"], 3), compile_s=compile_s)
     for name in ("syncbn", "local", "naive"):
         clear()
         row[f"ops_{name}"] = aten_ops(variants[name])  # collective: every rank of the group profiles
@@ -260,12 +286,16 @@ def _naive_copy(model: nn.Module, group) -> nn.Module:
     return model
 
 
-def _network_step(ctx: Context, model: nn.Module, group, images: torch.Tensor, labels: torch.Tensor):
-    """One training step of ``model`` under DDP with SGD: what a user's step costs."""
+def _network_step(
+    ctx: Context, model: nn.Module, group, images: torch.Tensor, labels: torch.Tensor, compiled: bool = False
+):
+    """One training step of ``model`` under DDP with SGD (compiled as task.compile does): a user's step."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     ddp = DistributedDataParallel(model, device_ids=ids, process_group=group)
+    if compiled:
+        ddp = compile_model(ddp, ctx.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
@@ -288,18 +318,26 @@ def _time_network(ctx: Context, group, world: int, per_rank: int, rounds: int, w
     base = instantiate(ctx.cfg["model"]).to(ctx.device)
     models = {
         "syncbn": convert_sync_batchnorm(copy.deepcopy(base), group),
-        "bn": base,
+        "bn": copy.deepcopy(base),
         "naive": _naive_copy(base, group),
     }
     steps = {name: _network_step(ctx, m, group, images, labels) for name, m in models.items()}
+    compile_s = {}
+    if _compiles(ctx, world):
+        for name, model in (("syncbn", convert_sync_batchnorm(copy.deepcopy(base), group)), ("bn", base)):
+            steps[f"{name}_compiled"] = _network_step(ctx, model, group, images, labels, compiled=True)
+            compile_s[f"compile_s_{name}"] = _first_call_seconds(steps[f"{name}_compiled"])
     ms = time_interleaved(steps, ctx.device, group, world, rounds=rounds, warmup=warmup)
-    return {
+    row = {
         "world_size": world,
         "images_per_rank": per_rank,
         **{k: round(v, 3) for k, v in ms.items()},
         "syncbn_vs_bn": round(ms["syncbn"] / ms["bn"], 3),
         "naive_speedup": round(ms["naive"] / ms["syncbn"], 3),
     }
+    if compile_s:
+        row.update(compiled_speedup=round(ms["syncbn"] / ms["syncbn_compiled"], 3), **compile_s)
+    return row
 
 
 def _log_row(ctx: Context, row: dict[str, Any]) -> None:
@@ -361,9 +399,13 @@ def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skippe
     columns = ["world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm", "naive"]
     columns += ["insitu_ratio", "floor_ratio", "naive_speedup", "ops_syncbn", "saved_MB_syncbn"]
     columns += [c for c in bench_cuda.COLUMNS if any(c in row for row in rows)]
+    compiled = [row for row in rows if "compiled" in row]
     ctx.log.info("\n%s", report.table(rows, columns))
+    if compiled:
+        columns = ["world_size", "shape", "format", "syncbn", "compiled", "compiled_speedup", "compile_s"]
+        ctx.log.info("\nunder torch.compile (ms per step):\n%s", report.table(compiled, columns))
     if network:
-        table = report.table(network, list(network[0]))
+        table = report.table(network, list(dict.fromkeys(k for row in network for k in row)))
         ctx.log.info("\none training step of the model (ms per step):\n%s", table)
     if skipped:
         ctx.log.info("world sizes %s skipped: the job has only %d ranks", skipped, ctx.world_size)

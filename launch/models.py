@@ -5,6 +5,7 @@ No torchvision dependency; the model is built with plain BatchNorm2d and convert
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -47,3 +48,12 @@ class SmallResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C_in, H, W) -> (N, num_classes)
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile`` (Inductor) as task.compile and the bench's compiled rows use it."""
+    # On CPU Inductor runs convolutions channels-last, and torch 2.13's CPU backward of a 1x1 stride-2
+    # channels-last convolution corrupts the heap with one thread, what each local worker gets on small
+    # machines (the default model has such shortcuts). Contiguous convolutions are unaffected.
+    options = {"layout_optimization": False} if device.type == "cpu" else None
+    return torch.compile(module, options=options)

@@ -74,6 +74,7 @@ class TrainTask:
     checkpoint_every: int = MISSING
     resume: bool = MISSING
     log_samples: bool = MISSING
+    compile: bool = MISSING
     fault: Fault = MISSING
 
 
@@ -104,6 +105,7 @@ class BenchTask:
     warmup: int = MISSING
     network_images: list[int] = MISSING
     network_rounds: int = MISSING
+    compile: bool = MISSING
 
 
 @dataclass

@@ -24,6 +24,7 @@ from syncbn import convert_sync_batchnorm
 from . import checkpoint, report
 from .checkpoint import TrainState
 from .fault import inject_fault
+from .models import compile_model
 from .runtime import Context, snapshot, sync_group
 from .sampler import Indexed, ResumableSampler
 
@@ -56,6 +57,8 @@ def train(ctx: Context) -> None:
     train_set, test_set = instantiate(ctx.cfg["data"]["train"]), instantiate(ctx.cfg["data"]["test"])
     model = build_model(ctx)
     ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if settings["compile"]:  # the DDP module, as torch recommends: its gradient buckets bound the graphs
+        ddp = compile_model(ddp, ctx.device)
     run = checkpoint.run_record(ctx.cfg, ctx.world_size, len(train_set))
     state = TrainState(model, _optimizer(model, settings), run, ctx.device)
     checkpoint.resume(ctx, state)  # may refuse (on every rank) before anything is written

@@ -195,3 +195,17 @@ def resolve_group(process_group: Any) -> ProcessGroup:
             f"{process_group.mesh_dim_names}"
         )
     return process_group.get_group()
+
+
+def group_name(process_group: ProcessGroup) -> str:
+    """A name that :func:`group_by_name` turns back into ``process_group`` ("" for the default group)."""
+    return "" if process_group is None else process_group.group_name
+
+
+def group_by_name(name: str) -> ProcessGroup:
+    """The process group torch registered under ``name`` (``ProcessGroup.group_name``); None for ""."""
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)

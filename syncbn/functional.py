@@ -16,7 +16,13 @@ from torch.autograd.function import once_differentiable
 from . import comms, kernels, pairing
 from .kernels import stats_dtype
 
-__all__ = ["backward_reduce_and_grad", "forward_stats_and_normalize", "input_error", "sync_batch_norm"]
+__all__ = [
+    "backward_reduce_and_grad",
+    "forward_stats_and_normalize",
+    "input_error",
+    "sync_batch_norm",
+    "synced_forward",
+]
 
 
 def input_error(input: Tensor, num_features: int | None) -> str | None:
@@ -30,7 +36,8 @@ def input_error(input: Tensor, num_features: int | None) -> str | None:
     return None
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The layout the kernels run in: channels_last(_3d) when ``x`` is in it, else contiguous."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
@@ -157,6 +164,44 @@ def backward_reduce_and_grad(
     return grad_input, grad_weight, grad_bias
 
 
+def synced_forward(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    *,
+    eps: float,
+    momentum: float,
+    num_features: int,
+    layer_id: int,
+    call_index: int,
+    process_group: comms.ProcessGroup,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """The synced forward of eager and compiled calls alike: ``(input as used, output, mean, var, count)``.
+
+    A rank whose input is invalid still joins the all-reduce (see :func:`forward_stats_and_normalize`).
+    """
+    error = input_error(input, num_features)
+    if error is None:
+        input = input.contiguous(memory_format=memory_format(input))  # a no-op unless oddly strided
+    out, mean, var, count = forward_stats_and_normalize(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps=eps,
+        momentum=momentum,
+        num_features=num_features,
+        layer_id=layer_id,
+        call_index=call_index,
+        process_group=process_group,
+        error=error,
+    )
+    return input, out, mean, var, count
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Autograd function behind :func:`sync_batch_norm` (training mode, world size > 1)."""
 
@@ -176,10 +221,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         process_group,
     ) -> Tensor:
         # forward runs without autograd recording, so nothing here needs detach()
-        error = input_error(input, num_features)
-        if error is None:
-            input = input.contiguous(memory_format=_memory_format(input))  # a no-op unless oddly strided
-        out, mean, var, count = forward_stats_and_normalize(
+        input, out, mean, var, count = synced_forward(
             input,
             weight,
             bias,
@@ -191,7 +233,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
             layer_id=layer_id,
             call_index=call_index,
             process_group=process_group,
-            error=error,
         )
         ctx.save_for_backward(input, weight, mean, var)
         ctx.args = (eps, count, num_features, layer_id, call_index, process_group)
@@ -205,7 +246,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         eps, count, num_features, layer_id, call_index, group = ctx.args
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input, grad_weight, grad_bias = backward_reduce_and_grad(
-            grad_output.contiguous(memory_format=_memory_format(input)),
+            grad_output.contiguous(memory_format=memory_format(input)),
             input,
             weight,
             mean,
@@ -249,6 +290,20 @@ def sync_batch_norm(
     known = _known_channels(weight, running_mean)
     error = input_error(input, known)
     num_features = known if known is not None else (input.shape[1] if error is None else -1)
+    if torch.compiler.is_compiling():  # the ops of syncbn.compiled, channel check included
+        from .compiled import functional_batch_norm
+
+        return functional_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            momentum=momentum,
+            eps=eps,
+            num_features=num_features,
+            process_group=process_group,
+        )
     group = comms.private_group(process_group)
     check_channels(num_features, input.device, group, error, layer_id=0, call_index=0)
     return _apply(
@@ -301,6 +356,14 @@ def _apply(
         with torch.autocast(device_type=input.device.type, enabled=False):
             return SyncBatchNormFunction.apply(*args, process_group)
     return SyncBatchNormFunction.apply(*args, process_group)
+
+
+def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    """The running-stat factor of this call, as torch's _BatchNorm has it: ``momentum``, or
+    1 / num_batches_tracked (cumulative average) for ``momentum=None`` while tracking (0.0 otherwise)."""
+    if momentum is not None:
+        return momentum
+    return 0.0 if num_batches_tracked is None else 1.0 / float(num_batches_tracked)
 
 
 def _known_channels(weight: Tensor | None, running_mean: Tensor | None) -> int | None:

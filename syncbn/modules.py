@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from . import comms
+from . import comms, compiled
 from .functional import _apply, _local_batch_norm, check_channels, input_error
 
 _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
@@ -78,6 +78,7 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = comms.resolve_group(process_group)  # a ProcessGroup or a 1-D DeviceMesh
         self._constructed = next(_CONSTRUCTED)
         self._sync_state: _SyncState | None = None  # built on the first training call
+        self._compile_key = compiled.register(self)
 
     def __getstate__(self) -> dict:
         # Copies and pickles (deepcopy for an EMA model, torch.save) carry no process group object; a
@@ -91,6 +92,9 @@ class SyncBatchNorm(_BatchNorm):
         if "_constructed" not in state:  # pickled by an older syncbn
             self._constructed = next(_CONSTRUCTED)
             self._sync_state = None
+        # A copy keeps its construction number (so its layer id, which every rank computes alike) but
+        # gets its own key: the compiled ops find this layer, not its original, by it.
+        self._compile_key = compiled.register(self)
 
     def _current_sync_state(self) -> _SyncState:
         """This layer's sync state for the current world and ``process_group``, so a synced forward does
@@ -111,17 +115,32 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         training, momentum, tracked = self.training, self.momentum, self.num_batches_tracked
         # Momentum and counters follow torch's _BatchNorm exactly (momentum=None: cumulative average).
-        factor = 0.0 if momentum is None else momentum
-        if training and self.track_running_stats and tracked is not None:
+        tracking = training and self.track_running_stats and tracked is not None
+        if tracking:
             tracked.add_(1)
-            if momentum is None:
-                factor = 1.0 / float(tracked)
 
         # Batch stats in training, or in eval when there are no running stats to use.
         running_mean, running_var = self.running_mean, self.running_var
         bn_training = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
+
+        if training and torch.compiler.is_compiling() and comms.world_size(self.process_group) > 1:
+            # Under torch.compile the synced step is opaque ops, one all-reduce each way (syncbn.compiled).
+            return compiled.sync_batch_norm(
+                self,
+                input,
+                self.weight,
+                self.bias,
+                running_mean,
+                running_var,
+                eps=self.eps,
+                momentum=momentum,
+                num_batches_tracked=tracked if tracking else None,
+            )
+        factor = 0.0 if momentum is None else momentum
+        if tracking and momentum is None:
+            factor = 1.0 / float(tracked)
 
         # Sync only in training (which always uses batch stats) with more than one rank in the group.
         state = self._current_sync_state() if training else None
@@ -152,10 +171,30 @@ class SyncBatchNorm(_BatchNorm):
         momentum: float,
         eps: float,
     ) -> Tensor:
-        """One synced call of this layer: count it, check channels on the first, run the function.
+        """One synced eager call of this layer: count it, check channels on the first, run the function.
 
         Also the entry for converted BatchNorm subclasses (syncbn.subclass), whose own forward supplies
         the arguments.
+        """
+        return _apply(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            eps=eps,
+            momentum=momentum,
+            num_features=self.num_features,
+            process_group=state.group,
+            layer_id=state.layer_id,
+            call_index=self.begin_sync_call(state, input),
+        )
+
+    def begin_sync_call(self, state: _SyncState, input: Tensor) -> int:
+        """Count a synced call (its index goes into the call tag) and, on the first, check the channels.
+
+        Eager and compiled calls share this and ``state``, so their call tags agree: a step that Dynamo
+        runs eagerly (a fallback) pairs up with the other ranks' compiled steps.
         """
         call_index = state.calls
         state.calls += 1  # counted on every rank before anything can fail
@@ -172,19 +211,7 @@ class SyncBatchNorm(_BatchNorm):
                 call_index=call_index,
             )
             state.channels_checked = True
-        return _apply(
-            input,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            eps=eps,
-            momentum=momentum,
-            num_features=self.num_features,
-            process_group=state.group,
-            layer_id=state.layer_id,
-            call_index=call_index,
-        )
+        return call_index
 
     @classmethod
     def convert_sync_batchnorm(

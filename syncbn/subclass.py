@@ -41,12 +41,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import comms
+from . import comms, compiled
 from .modules import _CONSTRUCTED, SyncBatchNorm
 
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 # Attributes conversion adds to a layer (the same as SyncBatchNorm's); revert removes them again.
-ADDED_ATTRIBUTES = ("process_group", "_constructed", "_sync_state")
+ADDED_ATTRIBUTES = ("process_group", "_constructed", "_sync_state", "_compile_key")
 # nn.Module's own containers (parameters, buffers, children, hooks): copied so the two objects share
 # tensors and children but adding a hook or a child to one does not change the other.
 _MODULE_CONTAINERS = frozenset(k for k, v in vars(nn.Module()).items() if isinstance(v, (dict, set)))
@@ -89,6 +89,7 @@ def synced_copy(layer: _BatchNorm, process_group: Any) -> nn.Module:
     new.process_group = process_group
     new._constructed = next(_CONSTRUCTED)  # in conversion order, so every rank numbers its layers alike
     new._sync_state = None
+    new._compile_key = compiled.register(new)  # how its torch.compile ops find it
     return new
 
 
@@ -119,7 +120,8 @@ def _synced_forward(self, *args, **kwargs):
     base_forward = type(self)._syncbn_base.forward
     if not self.training or comms.world_size(self.process_group) == 1:
         return base_forward(self, *args, **kwargs)
-    with _BatchNormRoute(self, sync=True) as route:
+    route = _BatchNormRoute(self, sync=True)
+    with route:  # not `as route`: under torch.compile, entering a mode does not return it
         output = base_forward(self, *args, **kwargs)
     if route.calls != 1:
         # Every rank that took this path raises here. A rank whose input took the routed path meanwhile
@@ -163,6 +165,18 @@ class _BatchNormRoute(TorchFunctionMode):
 
 def _synced_batch_norm(layer: Any, a: dict) -> torch.Tensor:
     """The routed call: the subclass's own arguments, with global-batch statistics."""
+    if torch.compiler.is_compiling():  # the same opaque ops as SyncBatchNorm's (see syncbn.compiled)
+        return compiled.sync_batch_norm(
+            layer,
+            a["input"],
+            a["weight"],
+            a["bias"],
+            a["running_mean"],
+            a["running_var"],
+            eps=a["eps"],
+            momentum=a["momentum"],
+            num_batches_tracked=None,  # the subclass's forward already turned momentum=None into a factor
+        )
     return layer._sync_apply(
         layer._current_sync_state(),
         a["input"],

@@ -37,6 +37,7 @@ COMMANDS = {
     ". .venv/bin/activate": "run",
     "make test": "what CI runs (.ci/run); running it inside the suite would recurse",
     "make run": "slow",
+    "make run ARGS=task.compile=true": "slow",
     "make check": "run",
     'make run ARGS="experiment=smoke task.epochs=1"': "run",
     "python -m launch.run experiment=smoke launcher.nproc_per_node=4 norm.group_size=2": "run",

@@ -186,6 +186,7 @@ def test_bench_smoke_writes_its_outputs(tmp_path):
             "task.world_sizes=[1,2,4]",
             "task.rounds=2",
             "task.warmup=1",
+            "task.compile=false",  # its compiled rows: tests/launch/test_compile_launch.py
             f"hydra.run.dir={tmp_path}",
         ]
     )
