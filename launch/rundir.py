@@ -111,7 +111,8 @@ def _create(path: Path, marker: dict[str, Any]) -> bool:
 
 
 def _write(path: Path, marker: dict[str, Any]) -> None:
-    tmp = path / f".{MARKER}.{marker['token']}"
+    # A name of this write's own: the nodes of one job share the marker's token and finish together.
+    tmp = path / f".{MARKER}.{uuid.uuid4().hex}"
     tmp.write_text(json.dumps(marker, indent=2) + "\n")
     os.replace(tmp, path / MARKER)
 

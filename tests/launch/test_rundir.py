@@ -71,6 +71,32 @@ def test_nodes_of_one_job_share_the_directory(tmp_path):
         rundir.claim(tmp_path, "exp1@head:29400", resume=False)
 
 
+def _finish_after(barrier, claimed, errors) -> None:
+    barrier.wait()
+    try:
+        for _ in range(50):
+            rundir.finish(claimed)
+    except OSError as e:
+        errors.put(repr(e))
+    errors.put("done")
+
+
+def test_nodes_of_one_job_finishing_together_both_succeed(tmp_path):
+    """The nodes of a job share its token and end together: their marker writes must not collide."""
+    nodes = [rundir.claim(tmp_path, "exp1@head:29400", resume=False) for _ in range(4)]
+    ctx = multiprocessing.get_context("fork")
+    barrier, errors = ctx.Barrier(len(nodes)), ctx.Queue()
+    procs = [ctx.Process(target=_finish_after, args=(barrier, n, errors)) for n in nodes]
+    for p in procs:
+        p.start()
+    got = [errors.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert got == ["done"] * len(nodes)
+    assert marker(tmp_path)["state"] == "finished"
+    assert [p.name for p in tmp_path.iterdir()] == [rundir.MARKER]  # no temporary file left
+
+
 def test_a_name_from_the_clock_moves_on_to_the_next_free_one(tmp_path):
     names = [rundir.claim(tmp_path / "12-00-00-train", None, resume=False, renumber=True) for _ in range(3)]
     assert [c.run_dir.name for c in names] == ["12-00-00-train", "12-00-00-train-2", "12-00-00-train-3"]
