@@ -52,8 +52,8 @@ class Zoo(nn.Module):
 
 def recording_backend():
     """aot_eager that keeps the forward and backward graphs AOTAutograd hands to the compiler."""
-    from torch._functorch.aot_autograd import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
 
     graphs: dict[str, list] = {"forward": [], "backward": []}
 
