@@ -207,21 +207,23 @@ def time_interleaved(
     """Median milliseconds per call of each variant, interleaved; the max over the group's ranks.
 
     Each call starts after a barrier (a late peer is not the variant's cost); ``after`` runs untimed
-    after every call (to clear gradients).
+    after every call (to clear gradients). ``<name>_cpu``: the calling thread's CPU time, which leaves
+    out the waits for the other ranks and the network (on a VM they dominate small steps' wall time).
     """
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {key: [] for name in variants for key in (name, f"{name}_cpu")}
     for i in range(warmup + rounds):
         for name, fn in variants.items():
             if world > 1:
                 dist.barrier(group=group)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+                times[f"{name}_cpu"].append(time.thread_time() - c0)
             if after is not None:
                 after()
     medians = [statistics.median(ts) * 1e3 for ts in times.values()]
@@ -264,6 +266,8 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
         "floor_ratio": round(ms["syncbn"] / (ms["local"] + ms["comm"]), 3),
         "insitu_ratio": round(ms["syncbn"] / ms["insitu"], 3),
         "naive_speedup": round(ms["naive"] / ms["syncbn"], 3),
+        # what the layer itself adds to the floor, in CPU time of the calling thread (no waits)
+        "cpu_overhead": round(ms["syncbn_cpu"] - ms["insitu_cpu"], 4),
     }
     if compiled:
         row.update(compiled_speedup=round(ms["syncbn"] / ms["compiled"], 3), compile_s=compile_s)
@@ -331,7 +335,7 @@ def _time_network(ctx: Context, group, world: int, per_rank: int, rounds: int, w
     row = {
         "world_size": world,
         "images_per_rank": per_rank,
-        **{k: round(v, 3) for k, v in ms.items()},
+        **{k: round(v, 3) for k, v in ms.items() if not k.endswith("_cpu")},
         "syncbn_vs_bn": round(ms["syncbn"] / ms["bn"], 3),
         "naive_speedup": round(ms["naive"] / ms["syncbn"], 3),
     }
@@ -343,9 +347,9 @@ def _time_network(ctx: Context, group, world: int, per_rank: int, rounds: int, w
 def _log_row(ctx: Context, row: dict[str, Any]) -> None:
     ctx.log.info(
         "W=%d %-14s %-13s %-8s syncbn %.3f ms  insitu %.3f  local %.3f  comm %.3f  naive %.3f  "
-        "insitu_ratio %.3f  naive_speedup %.2f  ops %d",
+        "insitu_ratio %.3f  naive_speedup %.2f  cpu_overhead %.3f  ops %d",
         *(row[k] for k in ("world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm")),
-        *(row[k] for k in ("naive", "insitu_ratio", "naive_speedup", "ops_syncbn")),
+        *(row[k] for k in ("naive", "insitu_ratio", "naive_speedup", "cpu_overhead", "ops_syncbn")),
     )
 
 
@@ -397,7 +401,8 @@ def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skippe
     (run_dir / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
     _plot(run_dir, rows)
     columns = ["world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm", "naive"]
-    columns += ["insitu_ratio", "floor_ratio", "naive_speedup", "ops_syncbn", "saved_MB_syncbn"]
+    columns += ["insitu_ratio", "floor_ratio", "naive_speedup", "syncbn_cpu", "insitu_cpu", "cpu_overhead"]
+    columns += ["ops_syncbn", "saved_MB_syncbn"]
     columns += [c for c in bench_cuda.COLUMNS if any(c in row for row in rows)]
     compiled = [row for row in rows if "compiled" in row]
     ctx.log.info("\n%s", report.table(rows, columns))

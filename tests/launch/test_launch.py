@@ -199,5 +199,8 @@ def test_bench_smoke_writes_its_outputs(tmp_path):
     assert {"syncbn", "local", "comm", "naive", "floor_ratio", "naive_speedup", "saved_MB_syncbn"} <= set(
         header
     )
+    assert {"syncbn_cpu", "insitu_cpu", "cpu_overhead"} <= set(header)
+    for row in rows["rows"]:  # CPU time of the calling thread: positive, at most the wall time
+        assert 0 < row["syncbn_cpu"] <= row["syncbn"] * 1.05 + 0.05, row
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "floor_ratio" in proc.stdout
