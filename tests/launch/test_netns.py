@@ -260,7 +260,8 @@ def test_lost_node_ends_every_process_within_timeout(two_hosts, tmp_path):
             time.sleep(1)  # the agent's own children end with it
             assert not _running_in_group(n.proc.pid), f"left running on {n.host['name']}"
             assert "HYDRA_FULL_ERROR" not in err and "Exception raised from" not in err, err[-3000:]
-            tail = err.strip().splitlines()[-3:]
+            # multiprocessing's resource tracker may add its leaked-semaphore warning (2 lines) at exit
+            tail = [line for line in err.strip().splitlines() if "resource_tracker" not in line][-3:]
             if n.host is two_hosts[0]:  # the head: its workers' collective failed
                 # Which rank the agent reports first varies: one whose gloo wait timed out, or one whose
                 # SyncBN all-reduce failed (its peer on this node had already exited on the timeout).
