@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from syncbn import SyncBatchNorm, convert_sync_batchnorm
+from syncbn.testing import aten_ops
 
 from . import bench_cuda
 from .models import compile_model
@@ -97,24 +97,6 @@ def saved_bytes(fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
-
-
-def aten_ops(fn: Callable[[], Any]) -> int:
-    """ATen operators ``fn`` dispatches from Python and autograd (top level: not counting their callees)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
-
-    def top_level(e) -> bool:
-        parent = e.cpu_parent
-        while parent is not None:
-            # callees of another op, or autograd accumulating into a leaf's .grad (any layer pays that)
-            if parent.name.startswith("aten::") or "AccumulateGrad" in parent.name:
-                return False
-            parent = parent.cpu_parent
-        return True
-
-    return sum(1 for e in events if top_level(e))
 
 
 def _cases(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -273,7 +255,7 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
         row.update(compiled_speedup=round(ms["syncbn"] / ms["compiled"], 3), compile_s=compile_s)
     for name in ("syncbn", "local", "naive"):
         clear()
-        row[f"ops_{name}"] = aten_ops(variants[name])  # collective: every rank of the group profiles
+        row[f"ops_{name}"] = len(aten_ops(variants[name]))  # collective: every rank of the group profiles
     clear()
     for name, forward in forwards.items():
         row[f"saved_MB_{name}"] = round(saved_bytes(forward) / 2**20, 4)

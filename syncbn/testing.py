@@ -7,8 +7,12 @@ compare_step() reports the relative error of everything SyncBN promises to match
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 from . import comms
 
@@ -83,3 +87,27 @@ def compare_step(
         errors["running_mean"] = relative_error(layer.running_mean, reference.running_mean)
         errors["running_var"] = relative_error(layer.running_var, reference.running_var)
     return out.detach(), errors
+
+
+def aten_ops(fn: Callable[[], Any]) -> list[str]:
+    """The ATen operators ``fn`` dispatches at top level, from Python and autograd: not their callees, nor
+    autograd accumulating into a leaf's ``.grad`` (any layer pays that). What a step costs in dispatches."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def top_level(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::") or "AccumulateGrad" in parent.name:
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return [e.name for e in prof.events() if e.name.startswith("aten::") and top_level(e)]
+
+
+def gloo_calls(fn: Callable[[], Any]) -> int:
+    """How many gloo collectives ``fn`` runs on this rank."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("gloo:"))

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from syncbn import SyncBatchNorm, compiled, convert_sync_batchnorm, sync_batch_norm
+from syncbn.testing import gloo_calls
 
 from .dist import spawn, values
 from .reference import rel_err, rows_of
@@ -75,12 +75,6 @@ def op_counts(gm) -> dict[str, int]:
             target = node.args[0] if "auto_functionalized" in str(node.target) else node.target
             counts[str(target)] = counts.get(str(target), 0) + 1
     return counts
-
-
-def _gloo_calls(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.name.startswith("gloo:"))
 
 
 def _global_batch(step: int, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -153,11 +147,11 @@ def equivalence(rank: int, world_size: int, splits: list[list[int]]) -> dict:
     xs, dys = _global_batch(99, sum(splits[-1]))
     local = [x.clone().requires_grad_(True) for x in _local(xs, rows_of(rank, splits[-1]))]
     box: dict = {}
-    out["forward_gloo"] = _gloo_calls(lambda: box.setdefault("ys", compiled_model(local)))
+    out["forward_gloo"] = gloo_calls(lambda: box.setdefault("ys", compiled_model(local)))
     loss = sum(
         (y * dy).sum() for y, dy in zip(box["ys"], _local(dys, rows_of(rank, splits[-1])), strict=True)
     )
-    out["backward_gloo"] = _gloo_calls(loss.backward)
+    out["backward_gloo"] = gloo_calls(loss.backward)
     out["recompiled_by_profiling"] = len(graphs["forward"]) - out["compiles"][-1]
     explain = torch._dynamo.explain(model)(_local(xs, rows_of(rank, splits[-1])))
     out["graph_breaks"], out["graphs"] = explain.graph_break_count, explain.graph_count

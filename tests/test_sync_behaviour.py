@@ -8,37 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.profiler import ProfilerActivity, profile
 
 from syncbn import SyncBatchNorm, sync_batch_norm
+from syncbn.testing import aten_ops, gloo_calls
 
 from .dist import spawn, values
 from .reference import naive_var, reference_bn, rel_err
 
 pytestmark = pytest.mark.multiprocess
-
-
-def _gloo_calls(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.name.startswith("gloo:"))
-
-
-def _aten_ops(fn) -> list:
-    """The ATen operators ``fn`` dispatches at top level (from Python and autograd, not their callees)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-
-    def top_level(e) -> bool:
-        parent = e.cpu_parent
-        while parent is not None:
-            # callees of another op, or autograd accumulating into a leaf's .grad (any layer pays that)
-            if parent.name.startswith("aten::") or "AccumulateGrad" in parent.name:
-                return False
-            parent = parent.cpu_parent
-        return True
-
-    return [e.name for e in prof.events() if e.name.startswith("aten::") and top_level(e)]
 
 
 def op_counts(rank: int, world_size: int) -> dict:
@@ -58,7 +35,7 @@ def op_counts(rank: int, world_size: int) -> dict:
             x.grad = layer.weight.grad = layer.bias.grad = None
             layer(x).backward(dy)
         x.grad = layer.weight.grad = layer.bias.grad = None
-        counts[name] = _aten_ops(lambda layer=layer, x=x, dy=dy: layer(x).backward(dy))
+        counts[name] = aten_ops(lambda layer=layer, x=x, dy=dy: layer(x).backward(dy))
     return counts
 
 
@@ -68,11 +45,11 @@ def count_collectives(rank: int, world_size: int) -> dict:
     for _ in range(4):
         x = torch.randn(5, 4, 3, 3, requires_grad=True)
         out = {}
-        counts["forward"].append(_gloo_calls(lambda x=x, out=out: out.setdefault("y", layer(x))))
-        counts["backward"].append(_gloo_calls(lambda out=out: out["y"].sum().backward()))
+        counts["forward"].append(gloo_calls(lambda x=x, out=out: out.setdefault("y", layer(x))))
+        counts["backward"].append(gloo_calls(lambda out=out: out["y"].sum().backward()))
     layer.eval()
     with torch.no_grad():
-        counts["eval"] = _gloo_calls(lambda: layer(torch.randn(5, 4, 3, 3)))
+        counts["eval"] = gloo_calls(lambda: layer(torch.randn(5, 4, 3, 3)))
     return counts
 
 
@@ -177,7 +154,7 @@ def no_input_grad(rank: int, world_size: int) -> dict:
     layer = SyncBatchNorm(3, dtype=torch.float64)
     ref = reference_bn(3, 3)
     y = layer(xg[rank * 3 : rank * 3 + 3])
-    calls = _gloo_calls(lambda: y.pow(2).sum().backward())
+    calls = gloo_calls(lambda: y.pow(2).sum().backward())
     ref(xg).pow(2).sum().backward()
     gw = layer.weight.grad.clone()
     dist.all_reduce(gw)
