@@ -46,6 +46,9 @@ def backend_for(cfg: dict[str, Any]) -> str:
 
 
 def _at_least(key: str, value: Any, low: float, *, strict: bool = False) -> None:
+    # Untyped sections (a dataset's arguments) can hold anything an override typed: say so in one line.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} must be a number {'>' if strict else '>='} {low:g}, got {value!r}")
     if value < low or (strict and value == low):
         raise ConfigError(f"{key} must be {'>' if strict else '>='} {low:g}, got {value!r}")
 
@@ -102,7 +105,10 @@ def _model_and_data(model: dict[str, Any], data: dict[str, Any]) -> None:
     for split in ("train", "test"):
         for key in ("size", "image_size"):
             if key in data[split]:
-                _at_least(f"data.{split}.{key}", data[split][key], 1)
+                value = data[split][key]
+                if not isinstance(value, int) or isinstance(value, bool):  # a count of samples or pixels
+                    raise ConfigError(f"data.{split}.{key} must be a whole number >= 1, got {value!r}")
+                _at_least(f"data.{split}.{key}", value, 1)
 
 
 def _train(task: dict[str, Any], world_size: int | None) -> None:

@@ -118,6 +118,8 @@ def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup = None) -> 
     A failure here (the process group's timeout, a peer that died or sent something else) almost always
     means the ranks stopped calling this layer in step; the error says so instead of only "timed out".
     """
+    if process_group is None:  # the default group (NCCL's, which has no private copy): the same fast path
+        process_group = dist.group.WORLD
     try:
         if isinstance(process_group, dist.ProcessGroup):
             # The group's own allreduce (what dist.all_reduce ends in), without the wrapper's per-call

@@ -32,10 +32,10 @@ from . import comms, kernels
 from .functional import (
     backward_reduce_and_grad,
     check_channels,
+    forward_stats_and_normalize,
     input_error,
     memory_format,
     momentum_factor,
-    synced_forward,
 )
 from .kernels import stats_dtype
 
@@ -125,7 +125,7 @@ def forward_op(
         call_index = layer.begin_call(state, input, num_features)
     else:
         call_index = layer.begin_sync_call(state, input)
-    used, out, mean, var, count = synced_forward(
+    used, out, mean, var, count = forward_stats_and_normalize(
         input,
         weight,
         bias,
@@ -195,10 +195,11 @@ def backward_op(
     state = _state(layer_key)
     count, call_index = info.tolist()
     fmt = memory_format(input)
+    x = input.contiguous(memory_format=fmt)  # the layout forward ran in (a no-op unless oddly strided)
     mean, var = stats.unbind()
     grad_input, grad_weight, grad_bias = backward_reduce_and_grad(
         grad_output.contiguous(memory_format=fmt),
-        input.contiguous(memory_format=fmt),
+        x,
         weight,
         mean,
         var,
@@ -212,8 +213,8 @@ def backward_op(
     )
     if grad_input is None:
         grad_input = input.new_empty(0)
-    elif grad_input.stride() != input.contiguous(memory_format=fmt).stride():
-        grad_input = _output_like(input).copy_(grad_input)
+    elif grad_input.stride() != x.stride():
+        grad_input = torch.empty_like(x).copy_(grad_input)
     return grad_input, grad_weight, grad_bias, info.new_zeros(1)
 
 

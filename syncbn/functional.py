@@ -21,7 +21,6 @@ __all__ = [
     "forward_stats_and_normalize",
     "input_error",
     "sync_batch_norm",
-    "synced_forward",
 ]
 
 
@@ -96,14 +95,18 @@ def forward_stats_and_normalize(
     layer_id: int,
     call_index: int,
     process_group: comms.ProcessGroup,
-    error: str | None = None,
-) -> tuple[Tensor, Tensor, Tensor, float]:
-    """Global statistics (one all-reduce), running-stat update and normalization.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """Global statistics (one all-reduce), running-stat update and normalization: the synced forward of
+    eager and compiled calls alike.
 
-    Returns ``(output, mean, var, count)``: mean and biased variance of the global batch in the stats
-    dtype (what backward needs) and the global count per channel. ``error`` is this rank's input error,
-    if any: the rank still joins the collective, with a NaN count, so every rank raises together.
+    Returns ``(input as used, output, mean, var, count)``: the input in the layout the kernels ran in (what
+    backward must save), mean and biased variance of the global batch in the stats dtype and the global
+    count per channel. A rank whose input is invalid still joins the collective, with a NaN count, so
+    every rank raises together.
     """
+    error = input_error(input, num_features)
+    if error is None:
+        input = input.contiguous(memory_format=memory_format(input))  # a no-op unless oddly strided
     ws = kernels.workspace(layer_id, num_features, input.device)
     count_row, code_row = pairing.tail_parts(layer_id, call_index, False, input.device)
     if error is None and input.numel() > 0:
@@ -120,7 +123,7 @@ def forward_stats_and_normalize(
     mean, var = kernels.global_stats(ws, count, sdt)
     kernels.update_running(running_mean, running_var, mean, var, ws, momentum=momentum, count=count)
     out = kernels.normalize(input, _in_dtype(weight, sdt), _in_dtype(bias, sdt), mean, var, eps=eps)
-    return out, mean, var, count
+    return input, out, mean, var, count
 
 
 def backward_reduce_and_grad(
@@ -164,44 +167,6 @@ def backward_reduce_and_grad(
     return grad_input, grad_weight, grad_bias
 
 
-def synced_forward(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    *,
-    eps: float,
-    momentum: float,
-    num_features: int,
-    layer_id: int,
-    call_index: int,
-    process_group: comms.ProcessGroup,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-    """The synced forward of eager and compiled calls alike: ``(input as used, output, mean, var, count)``.
-
-    A rank whose input is invalid still joins the all-reduce (see :func:`forward_stats_and_normalize`).
-    """
-    error = input_error(input, num_features)
-    if error is None:
-        input = input.contiguous(memory_format=memory_format(input))  # a no-op unless oddly strided
-    out, mean, var, count = forward_stats_and_normalize(
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        eps=eps,
-        momentum=momentum,
-        num_features=num_features,
-        layer_id=layer_id,
-        call_index=call_index,
-        process_group=process_group,
-        error=error,
-    )
-    return input, out, mean, var, count
-
-
 class SyncBatchNormFunction(torch.autograd.Function):
     """Autograd function behind :func:`sync_batch_norm` (training mode, world size > 1)."""
 
@@ -221,7 +186,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         process_group,
     ) -> Tensor:
         # forward runs without autograd recording, so nothing here needs detach()
-        input, out, mean, var, count = synced_forward(
+        input, out, mean, var, count = forward_stats_and_normalize(
             input,
             weight,
             bias,

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from . import comms, compiled
-from .functional import _apply, _local_batch_norm, check_channels, input_error
+from .functional import _apply, _local_batch_norm, check_channels, input_error, momentum_factor
 
 _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
 # Layers are numbered in construction order, counted from the first layer that syncs: the same on every
@@ -138,9 +138,7 @@ class SyncBatchNorm(_BatchNorm):
                 momentum=momentum,
                 num_batches_tracked=tracked if tracking else None,
             )
-        factor = 0.0 if momentum is None else momentum
-        if tracking and momentum is None:
-            factor = 1.0 / float(tracked)
+        factor = momentum_factor(momentum, tracked if tracking else None)
 
         # Sync only in training (which always uses batch stats) with more than one rank in the group.
         state = self._current_sync_state() if training else None

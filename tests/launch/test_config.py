@@ -181,6 +181,8 @@ BAD = [
     (["launcher.max_restarts=-1"], False, "launcher.max_restarts must be >= 0, got -1"),
     (["threads=0"], False, "threads must be >= 1, got 0"),
     (["data=synthetic", "data.train.size=0"], False, "data.train.size must be >= 1, got 0"),
+    (["data=synthetic", "data.train.size=abc"], False, "data.train.size must be a whole number"),
+    (["data=synthetic", "data.test.image_size=2.5"], False, "image_size must be a whole number"),
     (["task.name=check"], False, "task.name='check' does not match the task's settings"),
 ]
 
