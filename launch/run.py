@@ -1,4 +1,4 @@
-"""python -m launch.run: check the config, let Hydra compose it once, then start this node's elastic agent.
+"""python -m launch.run: check the config, let Hydra compose it, then start this node's elastic agent.
 
 python -m launch.run                                   # train: 2 gloo workers on this machine
 python -m launch.run task=check launcher.nproc_per_node=4

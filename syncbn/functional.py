@@ -293,7 +293,8 @@ def check_channels(
     layer_id: int,
     call_index: int,
 ) -> None:
-    """The fixed-size first-call check that every rank syncs the same channel count (see comms)."""
+    """The fixed-size check that every rank syncs the same channel count (see comms): before a layer's first
+    synced call, and before every ``sync_batch_norm()`` call."""
     if comms.debug():
         parts = [0, comms.world_size(group), 0, pairing.layer_code(layer_id, False), call_index]
         what = "channel check before the " + pairing.describe(layer_id, call_index, False, num_features)

@@ -1,8 +1,9 @@
 """The per-rank arithmetic of SyncBatchNorm around its two all-reduces, on CPU and on CUDA.
 
 Few and large ATen calls: at small batches a layer step costs what it dispatches, so every constant
-(payload buffer, its views, tag rows) is built once per layer and reused. Every function here is plain
-tensors in, tensors out; the collectives and checks live in :mod:`syncbn.functional`.
+(payload buffer, its views) is built once per layer and reused (the tag rows once per device: pairing).
+Every function here is plain tensors in, tensors out; the collectives and checks live in
+:mod:`syncbn.functional`.
 """
 
 from __future__ import annotations
