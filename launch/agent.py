@@ -77,7 +77,7 @@ def start(cfg: dict[str, Any], run_dir: Path) -> None:
 
     launcher = cfg["launcher"]
     _, max_nodes = parse_nnodes(launcher["nnodes"])
-    host = launcher["rdzv_endpoint"].rpartition(":")[0]
+    host = launcher["rdzv_endpoint"].rpartition(":")[0].strip("[]")  # "[::1]:0" is loopback too
     if max_nodes > 1 and is_loopback(host):
         print(
             f"warning: launcher.rdzv_endpoint={launcher['rdzv_endpoint']} with {max_nodes} nodes only works "

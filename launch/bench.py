@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -380,7 +379,7 @@ def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skippe
         "rows": rows,
         "network": network,
     }
-    (run_dir / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
+    report.write_json(run_dir / "bench.json", meta)
     _plot(run_dir, rows)
     columns = ["world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm", "naive"]
     columns += ["insitu_ratio", "floor_ratio", "naive_speedup", "syncbn_cpu", "insitu_cpu", "cpu_overhead"]

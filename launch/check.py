@@ -7,7 +7,6 @@ Prints backend, world size, max error and latency; a failure raises on every ran
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from syncbn import SyncBatchNorm
 from syncbn.testing import compare_step, reference_batch_norm, rows_of
 
+from . import report
 from .runtime import Context, snapshot, sync_group
 
 
@@ -84,7 +84,7 @@ def check(ctx: Context) -> None:
         "allreduce_latency_us": round(latency, 1),
     }
     if ctx.is_main:
-        (ctx.run_dir / "check.json").write_text(json.dumps(result, indent=2) + "\n")
+        report.write_json(ctx.run_dir / "check.json", result)
         ctx.log.info(
             "syncbn check %s: backend %s, world size %d (sync groups of %d), max rel. error %.3g (tol %.0e), "
             "all-reduce of %d float64: %.1f us median",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import report
 from .config import ConfigError, compose_raw, parse_nnodes
 
 MARKER = "job.json"
@@ -111,10 +112,7 @@ def _create(path: Path, marker: dict[str, Any]) -> bool:
 
 
 def _write(path: Path, marker: dict[str, Any]) -> None:
-    # A name of this write's own: the nodes of one job share the marker's token and finish together.
-    tmp = path / f".{MARKER}.{uuid.uuid4().hex}"
-    tmp.write_text(json.dumps(marker, indent=2) + "\n")
-    os.replace(tmp, path / MARKER)
+    report.write_json(path / MARKER, marker)  # whole, under a temporary name of this write's own
 
 
 def _running_here(marker: dict[str, Any]) -> bool:
