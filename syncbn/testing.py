@@ -107,7 +107,14 @@ def aten_ops(fn: Callable[[], Any]) -> list[str]:
 
 
 def gloo_calls(fn: Callable[[], Any]) -> int:
-    """How many gloo collectives ``fn`` runs on this rank."""
+    """How many gloo collectives ``fn`` runs on this rank; an exchange (the sends, then the receives, with
+    which syncbn.comms sums over a small group) counts as one."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(1 for e in prof.events() if e.name.startswith("gloo:"))
+    calls, previous = 0, ""
+    for e in prof.events():
+        if e.name.startswith("gloo:"):
+            # an exchange posts all its sends, then all its receives: a send after anything else starts one
+            calls += e.name != "gloo:recv" and not (e.name == "gloo:send" and previous == "gloo:send")
+            previous = e.name
+    return calls

@@ -225,7 +225,7 @@ def test_backward_collective_does_not_depend_on_input_requires_grad(results):
 # shifted local moments (stability), the payload with its tag, the float64 combine, running stats,
 # normalization, and backward's reduce, payload and two-kernel input gradient. Large inputs trade a few
 # dispatches for fewer passes over the activation.
-MAX_OPS = {"4x32x8x8": 23, "4x32x8x8-channels_last": 23, "64x512": 23, "8x64x32x32": 29}
+MAX_OPS = {"4x32x8x8": 25, "4x32x8x8-channels_last": 25, "64x512": 25, "8x64x32x32": 31}
 
 
 def test_aten_ops_per_layer_step(results):
