@@ -125,6 +125,14 @@ def _exchanges(group: dist.ProcessGroup) -> bool:
     return known
 
 
+def _send_recv(group: dist.ProcessGroup, tensor: torch.Tensor, inboxes: dict[int, torch.Tensor]) -> None:
+    """Send ``tensor`` to every peer in ``inboxes`` and receive each peer's tensor into its inbox."""
+    sends = [group.send([tensor], r, _EXCHANGE_TAG) for r in inboxes]
+    recvs = [group.recv([inbox], r, _EXCHANGE_TAG) for r, inbox in inboxes.items()]
+    for work in recvs + sends:  # the sends too: the caller may overwrite what they read
+        work.wait()
+
+
 def _exchange_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
     """Sum a CPU tensor over a small gloo group by direct exchange: one round of point-to-point messages
     (every rank sends its tensor to every other rank), run by the calling thread.
@@ -141,18 +149,39 @@ def _exchange_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
         if len(_INBOXES) > 1024:  # one entry per payload size: bounded by the model's widths
             _INBOXES.clear()
         inbox = _INBOXES[key] = torch.empty((size, *tensor.shape), dtype=tensor.dtype).unbind()
-    peers = [r for r in range(size) if r != me]
-    sends = [group.send([tensor], r, _EXCHANGE_TAG) for r in peers]
-    recvs = [group.recv([inbox[r]], r, _EXCHANGE_TAG) for r in peers]
-    for work in recvs + sends:  # the sends too: the sum below overwrites what they read
-        work.wait()
+    _send_recv(group, tensor, {r: inbox[r] for r in range(size) if r != me})
     if size == 2:
-        tensor.add_(inbox[peers[0]])  # a + b == b + a in IEEE arithmetic: the same bits on both ranks
+        tensor.add_(inbox[1 - me])  # a + b == b + a in IEEE arithmetic: the same bits on both ranks
         return
     inbox[me].copy_(tensor)
     torch.add(inbox[0], inbox[1], out=tensor)
     for row in inbox[2:]:
         tensor.add_(row)
+
+
+def pairs(process_group: ProcessGroup, device: torch.device) -> bool:
+    """Whether SyncBN's payloads on ``device`` go by :func:`swap` over ``process_group``: CPU tensors on a
+    gloo group of exactly two ranks. The same answer on both ranks (it depends on the group only)."""
+    group = dist.group.WORLD if process_group is None else process_group
+    return (
+        device.type == "cpu"
+        and isinstance(group, dist.ProcessGroup)
+        and group.size() == 2
+        and _exchanges(group)
+    )
+
+
+def swap(tensor: torch.Tensor, inbox: torch.Tensor, process_group: ProcessGroup) -> int:
+    """Send a contiguous CPU ``tensor`` to the other rank of a two-rank group (:func:`pairs`) and receive
+    its tensor into ``inbox``; return this rank (0 or 1). The caller combines the two in rank order, fused
+    with the op that needs them: one dispatch fewer than summing first."""
+    group = dist.group.WORLD if process_group is None else process_group
+    me = group.rank()
+    try:
+        _send_recv(group, tensor, {1 - me: inbox})
+    except RuntimeError as e:
+        raise _failure(tensor, group, e) from e
+    return me
 
 
 _LIKELY_CAUSE = (
@@ -181,11 +210,15 @@ def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup = None) -> 
             # checks and logging: about 10 us per call, twice per layer step.
             process_group.allreduce([tensor]).wait()
     except RuntimeError as e:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
-        raise RuntimeError(
-            f"SyncBatchNorm: all-reduce of {tensor.numel()} statistics failed on rank {rank(process_group)} "
-            f"of {world_size(process_group)}. {_LIKELY_CAUSE} Original error: {e}"
-        ) from e
+        raise _failure(tensor, process_group, e) from e
     return tensor
+
+
+def _failure(tensor: torch.Tensor, process_group: ProcessGroup, error: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"SyncBatchNorm: all-reduce of {tensor.numel()} statistics failed on rank {rank(process_group)} "
+        f"of {world_size(process_group)}. {_LIKELY_CAUSE} Original error: {error}"
+    )
 
 
 def gather_objects(obj: Any, process_group: ProcessGroup = None) -> list:

@@ -50,19 +50,29 @@ def _in_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def _exchange(
     ws: kernels.Workspace, layer_id: int, call_index: int, backward: bool, num_features: int, group
-) -> list[float]:
-    """All-reduce the layer's payload; return the reduced tail once the call tags agree on every rank."""
+) -> tuple[list[float], kernels.Pair | None]:
+    """All-reduce the layer's payload (or swap it, on a two-rank CPU group); return the summed tail once
+    the call tags agree on every rank, and the two ranks' data rows when they were swapped, not summed."""
     if comms.debug():
         size = ws.payload.numel()
         parts = [1, size, size >> 16, pairing.layer_code(layer_id, backward), call_index]
         what = pairing.describe(layer_id, call_index, backward, num_features)
         pairing.check_fingerprint(parts, what, ws.payload.device, group)
     # The one collective of this pass: statistics (or gradient sums), count and tag of every rank.
-    comms.all_reduce_sum(ws.payload, group)
-    tail = ws.read_tail()  # the one host read of this pass (a device sync on CUDA)
+    pair = None
+    if comms.pairs(group, ws.payload.device):
+        me = comms.swap(ws.payload, ws.inbox, group)
+        mine, theirs = ws.read_tail(), ws.read_inbox_tail()  # no dispatch: host views
+        tail = [a + b for a, b in zip(mine, theirs, strict=True)]  # whole numbers: exact, as a sum would be
+        rows = (ws.data, ws.inbox_data) if me == 0 else (ws.inbox_data, ws.data)
+        share1 = (theirs if me == 0 else mine)[0] / tail[0] if tail[0] else 0.0
+        pair = kernels.Pair(*rows, share1)
+    else:
+        comms.all_reduce_sum(ws.payload, group)
+        tail = ws.read_tail()  # the one host read of this pass (a device sync on CUDA)
     if not pairing.tags_agree(tail, layer_id, call_index, backward, comms.world_size(group)):
         pairing.raise_mispaired(pairing.describe(layer_id, call_index, backward, num_features), group)
-    return tail
+    return tail, pair
 
 
 def _checked_count(count: float, error: str | None, num_features: int, group) -> float:
@@ -95,9 +105,10 @@ def forward_stats_and_normalize(
     layer_id: int,
     call_index: int,
     process_group: comms.ProcessGroup,
+    num_batches_tracked: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-    """Global statistics (one all-reduce), running-stat update and normalization: the synced forward of
-    eager and compiled calls alike.
+    """Global statistics (one all-reduce), running-stat update (and ``num_batches_tracked`` + 1, when
+    given) and normalization: the synced forward of eager and compiled calls alike.
 
     Returns ``(input as used, output, mean, var, count)``: the input in the layout the kernels ran in (what
     backward must save), mean and biased variance of the global batch in the stats dtype and the global
@@ -108,20 +119,31 @@ def forward_stats_and_normalize(
     if error is None:
         input = input.contiguous(memory_format=memory_format(input))  # a no-op unless oddly strided
     ws = kernels.workspace(layer_id, num_features, input.device)
-    count_row, code_row = pairing.tail_parts(layer_id, call_index, False, input.device)
+    call_row, code_row = pairing.tail_parts(layer_id, call_index, False, input.device)
+    # A two-rank swap sends means, which the combine weights by count; an all-reduce sums sums.
+    sums = not comms.pairs(process_group, input.device)
     if error is None and input.numel() > 0:
         try:
-            kernels.pack_moments(input, ws, count_row, code_row)
+            kernels.pack_moments(input, ws, call_row, code_row, sums=sums)
         except RuntimeError as e:  # still join the collective, so the others raise instead of waiting
             error = f"{type(e).__name__}: {e}"
     if error is not None or input.numel() == 0:
-        kernels.pack_empty(ws, count_row, code_row, 0.0 if error is None else float("nan"))
-    tail = _exchange(ws, layer_id, call_index, False, num_features, process_group)
+        kernels.pack_empty(ws, call_row, code_row, 0.0 if error is None else float("nan"))
+    tail, pair = _exchange(ws, layer_id, call_index, False, num_features, process_group)
     count = _checked_count(tail[0], error, num_features, process_group)
 
     sdt = stats_dtype(input.dtype)
-    mean, var = kernels.global_stats(ws, count, sdt)
-    kernels.update_running(running_mean, running_var, mean, var, ws, momentum=momentum, count=count)
+    mean, var = kernels.global_stats(ws, count, sdt, pair)
+    kernels.update_running(
+        running_mean,
+        running_var,
+        mean,
+        var,
+        ws,
+        momentum=momentum,
+        count=count,
+        num_batches_tracked=num_batches_tracked,
+    )
     out = kernels.normalize(input, _in_dtype(weight, sdt), _in_dtype(bias, sdt), mean, var, eps=eps)
     return input, out, mean, var, count
 
@@ -150,20 +172,20 @@ def backward_reduce_and_grad(
     """
     ws = kernels.workspace(layer_id, num_features, input.device)
     w = _in_dtype(weight, mean.dtype)
-    count_row, code_row = pairing.tail_parts(layer_id, call_index, True, input.device)
+    call_row, code_row = pairing.tail_parts(layer_id, call_index, True, input.device)
     error = None
     try:
         grad_weight, grad_bias = kernels.reduce_grads(grad_output, input, w, mean, var, eps=eps)
-        torch.cat([grad_bias, grad_weight, count_row, code_row], out=ws.payload)
+        torch.cat([grad_bias, grad_weight, ws.count(1.0), call_row, code_row], out=ws.payload)
     except RuntimeError as e:  # join anyway with a NaN in the count slot, so every rank raises
         error = f"{type(e).__name__}: {e}"
-        kernels.pack_empty(ws, count_row, code_row, float("nan"))
-    reduced = _exchange(ws, layer_id, call_index, True, num_features, process_group)
+        kernels.pack_empty(ws, call_row, code_row, float("nan"))
+    reduced, pair = _exchange(ws, layer_id, call_index, True, num_features, process_group)
     if reduced[0] != reduced[0]:  # NaN: some rank failed here and joined only to tell us
         comms.raise_on_all_ranks(error, process_group)
     grad_input = None
     if need_input:
-        grad_input = kernels.input_grad(grad_output, input, w, mean, var, ws, count=count, eps=eps)
+        grad_input = kernels.input_grad(grad_output, input, w, mean, var, ws, count=count, eps=eps, pair=pair)
     return grad_input, grad_weight, grad_bias
 
 
@@ -184,6 +206,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         layer_id: int,
         call_index: int,
         process_group,
+        num_batches_tracked: Tensor | None,
     ) -> Tensor:
         # forward runs without autograd recording, so nothing here needs detach()
         input, out, mean, var, count = forward_stats_and_normalize(
@@ -198,6 +221,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             layer_id=layer_id,
             call_index=call_index,
             process_group=process_group,
+            num_batches_tracked=num_batches_tracked,
         )
         ctx.save_for_backward(input, weight, mean, var)
         ctx.args = (eps, count, num_features, layer_id, call_index, process_group)
@@ -228,7 +252,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # weight/bias grads stay local: DDP averages them.
         grad_weight = _in_dtype(grad_weight, weight.dtype) if need_weight else None
         grad_bias = _in_dtype(grad_bias, ctx.bias_dtype) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 def sync_batch_norm(
@@ -315,21 +339,23 @@ def _apply(
     process_group: comms.ProcessGroup,
     layer_id: int = 0,
     call_index: int = 0,
+    num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """The synced path: ``SyncBatchNormFunction`` with autocast off (it picks its own dtypes)."""
     args = (input, weight, bias, running_mean, running_var, eps, momentum, num_features, layer_id, call_index)
     if torch.is_autocast_enabled(input.device.type):
         with torch.autocast(device_type=input.device.type, enabled=False):
-            return SyncBatchNormFunction.apply(*args, process_group)
-    return SyncBatchNormFunction.apply(*args, process_group)
+            return SyncBatchNormFunction.apply(*args, process_group, num_batches_tracked)
+    return SyncBatchNormFunction.apply(*args, process_group, num_batches_tracked)
 
 
-def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+def momentum_factor(momentum: float | None, num_batches_tracked: Tensor | None, pending: int = 0) -> float:
     """The running-stat factor of this call, as torch's _BatchNorm has it: ``momentum``, or
-    1 / num_batches_tracked (cumulative average) for ``momentum=None`` while tracking (0.0 otherwise)."""
+    1 / num_batches_tracked (cumulative average) for ``momentum=None`` while tracking (0.0 otherwise).
+    ``pending``: batches counted but not yet added to the counter."""
     if momentum is not None:
         return momentum
-    return 0.0 if num_batches_tracked is None else 1.0 / float(num_batches_tracked)
+    return 0.0 if num_batches_tracked is None else 1.0 / (float(num_batches_tracked) + pending)
 
 
 def _known_channels(weight: Tensor | None, running_mean: Tensor | None) -> int | None:

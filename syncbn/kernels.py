@@ -8,6 +8,9 @@ Every function here is plain tensors in, tensors out; the collectives and checks
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -24,8 +27,19 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class Pair(NamedTuple):
+    """Both payloads' data rows of a two-rank exchange, in rank order (every rank combines them in the same
+    order: identical bits), and rank 1's share of the global count. Combined by the next op that needs them
+    (one fused dispatch), where an all-reduce would have summed them first."""
+
+    rank0: Tensor
+    rank1: Tensor
+    share1: float
+
+
 class Workspace:
-    """One layer's float64 payload ``[data (2, C) | count | b, b^2 | a, a^2]`` and fixed views of it.
+    """One layer's float64 payload ``[data (2, C) | count | b, b^2 | a, a^2]``, fixed views of it, and an
+    inbox of the same shape for a peer's payload (two-rank exchange).
 
     Forward and backward payloads of a layer have the same length, so a rank that skipped a backward
     meets a same-size payload and the tag (not gloo) reports it. Reused across calls: everything a call
@@ -41,9 +55,17 @@ class Workspace:
         self.scaled = self.payload[: 2 * c + 1]  # the data and the count slot
         self.tail = self.payload[2 * c :]
         self.count_slot = self.payload[2 * c : 2 * c + 1]
+        self.tag_slots = self.payload[2 * c + 1 :]
         self._host_tail = _host_view(self.tail)
+        self.inbox = torch.zeros_like(self.payload)
+        self.inbox_data = self.inbox[: 2 * c].view(2, c)
+        self.inbox_tail = self.inbox[2 * c :]
+        self._host_inbox_tail = _host_view(self.inbox_tail)
+        self._host_data = (_host_view(self.data), _host_view(self.inbox_data))
+        self._counts: dict[float, Tensor] = {}
         self._shaped: dict[int, tuple[Tensor, Tensor]] = {}
         self._ones: dict[torch.dtype, Tensor] = {}
+        self._counter_one: Tensor | None = None
         self._scratch: dict[torch.dtype, tuple[Tensor, Tensor, Tensor]] = {}
 
     def rows_as(self, ndim: int) -> tuple[Tensor, Tensor]:
@@ -58,11 +80,39 @@ class Workspace:
         """The payload tail on the host: the one device sync of a pass on CUDA, no dispatch on CPU."""
         return self._host_tail.tolist() if self._host_tail is not None else self.tail.tolist()
 
+    def read_inbox_tail(self) -> list[float]:
+        """The tail of the peer's payload (two-rank exchange, CPU)."""
+        tail = self._host_inbox_tail
+        return tail.tolist() if tail is not None else self.inbox_tail.tolist()
+
+    def swapped_data_finite(self) -> bool:
+        """Whether both ranks' data rows of a two-rank swap are finite (a host read on CPU: no dispatch)."""
+        mine, theirs = self._host_data
+        if mine is None or theirs is None:
+            return bool(torch.isfinite(self.data).all() and torch.isfinite(self.inbox_data).all())
+        return math.isfinite(mine.sum()) and math.isfinite(theirs.sum())  # an overflow is a false alarm only
+
+    def count(self, n: float) -> Tensor:
+        """``[n]`` (float64) for the count slot: cached, since a layer sees few batch sizes."""
+        t = self._counts.get(n)
+        if t is None:
+            if len(self._counts) > 64:
+                self._counts.clear()
+            t = self._counts[n] = torch.full((1,), n, dtype=torch.float64, device=self.payload.device)
+        return t
+
     def ones(self, dtype: torch.dtype) -> Tensor:
         ones = self._ones.get(dtype)
         if ones is None:
             ones = self._ones[dtype] = torch.ones_like(self.first, dtype=dtype)
         return ones
+
+    def ones_like_counter(self, counter: Tensor) -> Tensor:
+        """A 0-dim 1 in the dtype of a ``num_batches_tracked`` counter."""
+        one = self._counter_one
+        if one is None or one.dtype != counter.dtype:
+            one = self._counter_one = torch.ones_like(counter)
+        return one
 
     def scratch(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """A (2, C) buffer and its two rows, for values used within one call only."""
@@ -102,8 +152,9 @@ def _shift_view(x: Tensor) -> Tensor:
     return x.as_strided(shape, (0, x.stride(1)) + (0,) * (x.dim() - 2), x.storage_offset())
 
 
-def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) -> None:
-    """Write this rank's forward payload ``[sum x, sum x^2, n | tag]`` (float64) into ``ws.payload``.
+def pack_moments(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor, *, sums: bool = True) -> None:
+    """Write this rank's forward payload ``[sum x, sum x^2, n | tag]`` (float64) into ``ws.payload``; with
+    ``sums=False`` the data rows are the means ``[E x, E x^2]`` instead (a two-rank exchange weights them).
 
     CPU: moments about a shift (this rank's first value per channel, so |mean| >> std costs no digits),
     moved back about zero in float64. CUDA: the native Welford kernel. ``x`` is non-empty and valid.
@@ -116,7 +167,9 @@ def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) 
         var = torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))
     elif x.numel() >= LARGE and x.dim() > 2 and x.is_contiguous():
         # batch_norm_update_stats accumulates NCHW float32 in float64, unvectorized: plain sums are faster
-        _pack_shifted_sums(x, ws, count_row, code_row)
+        _pack_shifted_sums(x, ws, call_row, code_row)
+        if not sums:
+            ws.data.div_(n)
         return
     else:
         moments = _unshifted_moments(x) if x.numel() >= LARGE else None
@@ -126,11 +179,12 @@ def pack_moments(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) 
             centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
             moments = torch.batch_norm_update_stats(centred, None, None, 0.0)
         mean, var = moments
-    torch.cat([mean, var, count_row, code_row], out=ws.payload)
+    torch.cat([mean, var, ws.count(n), call_row, code_row], out=ws.payload)
     if shift is not None:
         ws.rows_as(x.dim())[0].add_(shift)  # float64 mean = shift + mean about the shift
     ws.second.addcmul_(ws.first, ws.first)  # E[x^2] = var + mean^2, in float64
-    ws.scaled.mul_(n)  # sums and count: [n mean, n E[x^2], n]
+    if sums:
+        ws.data.mul_(n)  # [n mean, n E[x^2]]
 
 
 def _unshifted_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -145,30 +199,37 @@ def _unshifted_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:
     return mean, var
 
 
-def _pack_shifted_sums(x: Tensor, ws: Workspace, count_row: Tensor, code_row: Tensor) -> None:
+def _pack_shifted_sums(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor) -> None:
     n, dims = x.numel() // x.shape[1], [0, *range(2, x.dim())]
     shift = _shift_view(x)
     # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
     centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
     sums = centred.sum(dims)  # about the shift, O(std) terms: float32 sums keep their digits
-    torch.cat([sums, centred.square_().sum(dims), count_row, code_row], out=ws.payload)
+    torch.cat([sums, centred.square_().sum(dims), ws.count(n), call_row, code_row], out=ws.payload)
     # Back to moments about zero in float64: sum x^2 = Q' + 2k S' + n k^2, sum x = S' + n k.
     total, square = ws.rows_as(centred.dim())
     square.addcmul_(total, shift, value=2).addcmul_(shift, shift, value=n)
     total.add_(shift, alpha=n)
-    ws.count_slot.fill_(n)
 
 
-def pack_empty(ws: Workspace, count_row: Tensor, code_row: Tensor, count: float) -> None:
-    """A payload with zero sums: an empty rank (count 0) or a rank with bad input (count NaN)."""
-    torch.cat([count_row, code_row], out=ws.tail)
+def pack_empty(ws: Workspace, call_row: Tensor, code_row: Tensor, count: float) -> None:
+    """A payload with zero data: an empty rank (count 0) or a rank with bad input (count NaN)."""
+    torch.cat([call_row, code_row], out=ws.tag_slots)
     ws.scaled.fill_(0.0)
     ws.count_slot.fill_(count)
 
 
-def global_stats(ws: Workspace, count: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(mean, biased var) of the global batch from the reduced forward payload, as fresh ``dtype`` tensors."""
-    ws.data.div_(count)  # E[x], E[x^2]
+def global_stats(
+    ws: Workspace, count: float, dtype: torch.dtype, pair: Pair | None = None
+) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) of the global batch, as fresh ``dtype`` tensors: from the reduced forward payload
+    (sums), or from a two-rank exchange's ``pair`` of means, weighted by count in one op."""
+    if pair is None:
+        ws.data.div_(count)  # E[x], E[x^2]
+    elif ws.swapped_data_finite():  # rank 0's + n1 / N (rank 1's - rank 0's): the count-weighted mean
+        torch.lerp(pair.rank0, pair.rank1, pair.share1, out=ws.data)
+    else:  # lerp turns an inf into NaN (inf - inf); a weighted sum propagates it as BatchNorm does
+        ws.data.copy_(pair.rank0 * (1.0 - pair.share1) + pair.rank1 * pair.share1)
     # float64 cancellation costs ~1e-16 (mean/std)^2 of the variance; clamp the rounding below zero.
     ws.second.addcmul_(ws.first, ws.first, value=-1).clamp_min_(0.0)
     mean, var = ws.data.to(dtype, copy=True).unbind()
@@ -184,8 +245,10 @@ def update_running(
     *,
     momentum: float,
     count: float,
+    num_batches_tracked: Tensor | None = None,
 ) -> None:
-    """Exponential (or cumulative) update with the global mean and the unbiased global variance."""
+    """Exponential (or cumulative) update with the global mean and the unbiased global variance; adds 1 to
+    ``num_batches_tracked`` when given (in the same dispatch)."""
     unbias = count / (count - 1)
     if (
         running_mean is not None
@@ -195,10 +258,18 @@ def update_running(
         # Both buffers in two dispatches: r = (1 - momentum) r + momentum * stat
         torch._foreach_mul_([running_mean, running_var], 1.0 - momentum)
         ones = ws.ones(mean.dtype)
-        torch._foreach_addcmul_(
-            [running_mean, running_var], [mean, var], [ones, ones], [momentum, momentum * unbias]
-        )
+        buffers, stats, factors = [running_mean, running_var], [mean, var], [ones, ones]
+        scalars = [momentum, momentum * unbias]
+        if num_batches_tracked is not None:  # the batch counter rides along: + 1 * 1 * 1
+            one = ws.ones_like_counter(num_batches_tracked)
+            buffers.append(num_batches_tracked)
+            stats.append(one)
+            factors.append(one)
+            scalars.append(1)
+        torch._foreach_addcmul_(buffers, stats, factors, scalars)
         return
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     if running_mean is not None:
         running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
     if running_var is not None:
@@ -248,10 +319,15 @@ def input_grad(
     *,
     count: float,
     eps: float,
+    pair: Pair | None = None,
 ) -> Tensor:
-    """dx = weight * invstd * (dy - sum dy / N - xhat * sum(dy * xhat) / N), from the reduced payload."""
+    """dx = weight * invstd * (dy - sum dy / N - xhat * sum(dy * xhat) / N), from the reduced payload or
+    from a two-rank exchange's ``pair`` of payloads (summed here, in the op that needs the sums)."""
     if x.numel() == 0:
         return torch.zeros_like(x)
+    small = x.numel() < LARGE and not x.is_cuda
+    if pair is not None and not small:
+        torch.add(pair.rank0, pair.rank1, out=ws.data)
     if x.is_cuda:
         # The native kernel divides by the total of the per-rank counts it is given (int32) and wants
         # sum dy * (x - mean); torch.full fills on the device: no sync.
@@ -262,12 +338,16 @@ def input_grad(
             dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat / invstd, counts
         )
     coef, bias_row, weight_row = ws.scratch(mean.dtype)
-    if x.numel() < LARGE:
-        # Fewest dispatches: batch_norm with weight -mean(dy xhat) and bias -mean(dy) gives the two
-        # correction terms, + dy, then eval-mode native backward multiplies by invstd * weight.
-        torch.div(ws.data, -count, out=coef)
+    if small:
+        # Fewest dispatches: the sums in the stats dtype; batch_norm with weight sum(dy xhat) and bias
+        # sum(dy) gives N times the two correction terms; dy - that / N; then eval-mode native backward
+        # multiplies by invstd * weight.
+        if pair is None:
+            coef.copy_(ws.data)
+        else:
+            torch.add(pair.rank0, pair.rank1, out=coef)
         inner = torch.batch_norm(x, weight_row, bias_row, mean, var, False, 0.0, eps, False)
-        inner.add_(dy)
+        inner = torch.add(dy, inner, alpha=-1.0 / count)
         mask = [True, False, False]
         return _native_bn_backward(inner, x, weight, mean, var, None, None, False, eps, mask)[0]
     # Fewest passes: a = weight * invstd; batch_norm(x, -a mean(dy xhat), -a mean(dy)) + a * dy.

@@ -116,7 +116,11 @@ class SyncBatchNorm(_BatchNorm):
         training, momentum, tracked = self.training, self.momentum, self.num_batches_tracked
         # Momentum and counters follow torch's _BatchNorm exactly (momentum=None: cumulative average).
         tracking = training and self.track_running_stats and tracked is not None
-        if tracking:
+        # Sync only in training (which always uses batch stats) with more than one rank in the group.
+        compiling = torch.compiler.is_compiling()
+        state = self._current_sync_state() if training and not compiling else None
+        eager_sync = state is not None and state.sync
+        if tracking and not eager_sync:  # the eager synced path counts the batch with the running stats
             tracked.add_(1)
 
         # Batch stats in training, or in eval when there are no running stats to use.
@@ -125,7 +129,7 @@ class SyncBatchNorm(_BatchNorm):
         if training and not self.track_running_stats:
             running_mean = running_var = None
 
-        if training and torch.compiler.is_compiling() and comms.world_size(self.process_group) > 1:
+        if training and compiling and comms.world_size(self.process_group) > 1:
             # Under torch.compile the synced step is opaque ops, one all-reduce each way (syncbn.compiled).
             return compiled.sync_batch_norm(
                 self,
@@ -138,11 +142,7 @@ class SyncBatchNorm(_BatchNorm):
                 momentum=momentum,
                 num_batches_tracked=tracked if tracking else None,
             )
-        factor = momentum_factor(momentum, tracked if tracking else None)
-
-        # Sync only in training (which always uses batch stats) with more than one rank in the group.
-        state = self._current_sync_state() if training else None
-        if state is None or not state.sync:
+        if not eager_sync:
             return _local_batch_norm(
                 input,
                 running_mean,
@@ -150,11 +150,21 @@ class SyncBatchNorm(_BatchNorm):
                 self.weight,
                 self.bias,
                 training=bn_training,
-                momentum=factor,
+                momentum=momentum_factor(momentum, tracked if tracking else None),
                 eps=self.eps,
             )
+        # The factor for the count the batch is about to reach (the update adds the 1)
+        factor = momentum_factor(momentum, tracked if tracking else None, pending=1)
         return self._sync_apply(
-            state, input, self.weight, self.bias, running_mean, running_var, momentum=factor, eps=self.eps
+            state,
+            input,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            momentum=factor,
+            eps=self.eps,
+            num_batches_tracked=tracked if tracking else None,
         )
 
     def _sync_apply(
@@ -168,11 +178,13 @@ class SyncBatchNorm(_BatchNorm):
         *,
         momentum: float,
         eps: float,
+        num_batches_tracked: Tensor | None = None,
     ) -> Tensor:
-        """One synced eager call of this layer: count it, check channels on the first, run the function.
+        """One synced eager call of this layer: count it, check channels on the first, run the function
+        (which adds 1 to ``num_batches_tracked``, when given, with the running stats).
 
         Also the entry for converted BatchNorm subclasses (syncbn.subclass), whose own forward supplies
-        the arguments.
+        the arguments (and counts its batches itself).
         """
         return _apply(
             input,
@@ -186,6 +198,7 @@ class SyncBatchNorm(_BatchNorm):
             process_group=state.group,
             layer_id=state.layer_id,
             call_index=self.begin_sync_call(state, input),
+            num_batches_tracked=num_batches_tracked,
         )
 
     def begin_sync_call(self, state: _SyncState, input: Tensor) -> int:

@@ -17,16 +17,16 @@ from . import comms
 TAG_LIMIT = 1 << 16
 TAIL = 5  # payload tail: count slot, b, b^2, a, a^2 (b = call index, a = layer code)
 
-_ROWS: dict = {}  # device -> (TAG_LIMIT, 3) float64 table of [1, t, t^2]
+_ROWS: dict = {}  # device -> (TAG_LIMIT, 2) float64 table of [t, t^2]
 _CODES: dict = {}  # (layer code, device) -> [a, a^2] view of that table
-_CALLS: dict = {}  # (call index, device) -> [1, b, b^2] view: shared by every layer at the same step
+_CALLS: dict = {}  # (call index, device) -> [b, b^2] view: shared by every layer at the same step
 
 
 def _table(device: torch.device) -> torch.Tensor:
     rows = _ROWS.get(device)
     if rows is None:
         t = torch.arange(TAG_LIMIT, dtype=torch.float64, device=device)
-        rows = _ROWS[device] = torch.stack([torch.ones_like(t), t, t * t], 1)
+        rows = _ROWS[device] = torch.stack([t, t * t], 1)
     return rows
 
 
@@ -37,16 +37,15 @@ def layer_code(layer_id: int, backward: bool) -> int:
 def tail_parts(
     layer_id: int, call_index: int, backward: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two pieces of a payload tail: ``[1, b, b^2]`` (count slot, call) and ``[a, a^2]`` (layer, pass).
+    """The two tag pieces of a payload tail: ``[b, b^2]`` (call) and ``[a, a^2]`` (layer, pass).
 
     Both are cached views of a per-device table, so writing a tail costs a share of the payload's ``cat``
-    (and one select per step for the whole model: all its layers are at the same call index). The count
-    slot's 1 becomes the batch count when the forward scales its payload.
+    (and one select per step for the whole model: all its layers are at the same call index).
     """
     code = _CODES.get((layer_code(layer_id, backward), device))
     if code is None:
         code = _CODES[(layer_code(layer_id, backward), device)] = _table(device)[
-            layer_code(layer_id, backward), 1:
+            layer_code(layer_id, backward)
         ]
     call = _CALLS.get((call_index, device))
     if call is None:
