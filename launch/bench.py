@@ -188,8 +188,9 @@ def time_interleaved(
     """Median milliseconds per call of each variant, interleaved; the max over the group's ranks.
 
     Each call starts after a barrier (a late peer is not the variant's cost); ``after`` runs untimed
-    after every call (to clear gradients). ``<name>_cpu``: the calling thread's CPU time, which leaves
-    out the waits for the other ranks and the network (on a VM they dominate small steps' wall time).
+    after every call (to clear gradients). ``<name>_cpu``: the rank process's CPU time (all its threads:
+    gloo's workers do an allreduce's work, the calling thread an exchange's), which leaves out the waits
+    for the other ranks and the network (on a VM they dominate small steps' wall time).
     """
     times: dict[str, list[float]] = {key: [] for name in variants for key in (name, f"{name}_cpu")}
     for i in range(warmup + rounds):
@@ -198,13 +199,13 @@ def time_interleaved(
                 dist.barrier(group=group)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-                times[f"{name}_cpu"].append(time.thread_time() - c0)
+                times[f"{name}_cpu"].append(time.process_time() - c0)
             if after is not None:
                 after()
     medians = [statistics.median(ts) * 1e3 for ts in times.values()]
@@ -247,7 +248,7 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
         "floor_ratio": round(ms["syncbn"] / (ms["local"] + ms["comm"]), 3),
         "insitu_ratio": round(ms["syncbn"] / ms["insitu"], 3),
         "naive_speedup": round(ms["naive"] / ms["syncbn"], 3),
-        # what the layer itself adds to the floor, in CPU time of the calling thread (no waits)
+        # what the layer itself adds to the floor, in CPU time of the rank process (no waits)
         "cpu_overhead": round(ms["syncbn_cpu"] - ms["insitu_cpu"], 4),
     }
     if compiled:

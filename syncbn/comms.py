@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import weakref
 from typing import Any, NoReturn, Optional
 
 import torch
@@ -109,7 +110,9 @@ def private_group(process_group: ProcessGroup = None) -> ProcessGroup:
 _EXCHANGE_TAG = 0x5BC0
 # Up to this many ranks, a direct exchange (W - 1 messages per rank) beats gloo's allreduce.
 EXCHANGE_MAX_RANKS = 8
-_EXCHANGES: dict = {}  # group -> whether its CPU tensors are summed by exchange
+# group -> whether its CPU tensors are summed by exchange; weak, so a destroyed group is not kept alive
+# until interpreter exit (gloo groups torn down that late can abort the process)
+_EXCHANGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _INBOXES: dict = {}
 
 
@@ -117,8 +120,6 @@ def _exchanges(group: dist.ProcessGroup) -> bool:
     """Whether SyncBN sums over ``group`` by direct exchange: gloo, 2 to EXCHANGE_MAX_RANKS ranks."""
     known = _EXCHANGES.get(group)
     if known is None:
-        if len(_EXCHANGES) > 64:  # groups come and go with worlds (tests, notebooks)
-            _EXCHANGES.clear()
         known = _EXCHANGES[group] = (
             dist.get_backend(group) == "gloo" and 2 <= group.size() <= EXCHANGE_MAX_RANKS
         )

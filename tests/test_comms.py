@@ -142,3 +142,61 @@ def test_errors_are_raised_on_every_rank_with_every_rank_named(tmp_path):
         assert r["gathered"] == ["r0", "r1", "r2"]
         assert r["raised"] == "SyncBatchNorm failed on rank 1: bad input"
         assert "rank 0: C=3, rank 1: C=4, rank 2: C=5" in r["disagree"]
+
+
+def sums(rank: int, world_size: int) -> dict:
+    """all_reduce_sum on small gloo groups (a direct exchange) against the group's own allreduce, and the
+    two-rank swap. Values with many digits, so the order of the additions shows in the last bits."""
+    from syncbn.testing import gloo_calls
+
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(37, dtype=torch.float64, generator=gen) * 10.0 ** torch.arange(37.0).remainder(9)
+    out = {}
+    mine = x.clone()
+    out["calls"] = gloo_calls(lambda: comms.all_reduce_sum(mine))
+    out["exchanged"] = comms._exchanges(dist.group.WORLD)
+    theirs = x.clone()
+    dist.all_reduce(theirs)
+    out["sum"], out["allreduce"] = mine, theirs
+    counts = torch.arange(5, dtype=torch.int64) + rank * 10**12
+    out["int64"] = comms.all_reduce_sum(counts).tolist()
+    out["pairs"] = comms.pairs(None, torch.device("cpu"))
+    if out["pairs"]:
+        inbox = torch.empty_like(x)
+        out["swap"] = (comms.swap(x.clone(), inbox, None), x, inbox)
+    # Past EXCHANGE_MAX_RANKS the group's allreduce: a new group, so the cached answer is asked afresh.
+    saved, comms.EXCHANGE_MAX_RANKS = comms.EXCHANGE_MAX_RANKS, world_size - 1
+    try:
+        big = dist.new_group(list(range(world_size)))
+        again = x.clone()
+        out["big_exchanged"] = comms._exchanges(big)
+        out["big_calls"] = gloo_calls(lambda: comms.all_reduce_sum(again, big))
+        out["big_sum"] = again
+    finally:
+        comms.EXCHANGE_MAX_RANKS = saved
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_small_gloo_groups_sum_by_exchange_with_the_same_bits_on_every_rank(world_size, tmp_path):
+    per_rank = values(spawn(sums, world_size, tmp_path, timeout=60))
+    first = per_rank[0]
+    # the additions' order may differ from gloo's ring: equal up to rounding of the terms' magnitudes
+    scale = world_size * 4.0 * 10.0 ** torch.arange(37.0, dtype=torch.float64).remainder(9)
+    for r in per_rank:
+        assert r["exchanged"] and r["calls"] == 1 and not r["big_exchanged"] and r["big_calls"] == 1
+        assert torch.equal(r["sum"], first["sum"]), "every rank must hold identical bits"
+        assert ((r["sum"] - r["allreduce"]).abs() <= 1e-14 * scale).all(), "the same sum as allreduce"
+        assert ((r["big_sum"] - r["allreduce"]).abs() <= 1e-14 * scale).all()
+        assert r["int64"] == [world_size * i + 10**12 * sum(range(world_size)) for i in range(5)]
+        assert r["pairs"] == (world_size == 2)
+    if world_size == 2:
+        assert torch.equal(per_rank[0]["sum"], per_rank[0]["allreduce"])  # a + b, as gloo adds two
+        for me, r in enumerate(per_rank):
+            rank, sent, received = r["swap"]
+            assert (
+                rank == me
+                and torch.equal(received, per_rank[1 - me]["swap"][1])
+                and torch.equal(sent, r["swap"][1])
+            )
