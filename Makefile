@@ -49,8 +49,8 @@ run: $(STAMP)  ## train with the default config on 2 local gloo workers (ARGS="o
 check: $(STAMP)  ## distributed self-test: SyncBN vs float64 BatchNorm, all-reduce latency (ARGS=...)
 	$(BIN)/python -m launch.run task=check $(ARGS)
 
-bench: $(STAMP)  ## benchmark SyncBN vs local BN + comm vs naive on 4 ranks, 1 thread each (ARGS=...)
-	$(BIN)/python -m launch.run task=bench launcher.nproc_per_node=4 timeout_s=3600 $(ARGS)
+bench: $(STAMP)  ## benchmark SyncBN vs local BN + comm vs naive on 2 ranks, 1 thread each (ARGS=...)
+	$(BIN)/python -m launch.run task=bench launcher.nproc_per_node=2 timeout_s=3600 $(ARGS)
 
 clean:  ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun
