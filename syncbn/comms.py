@@ -139,9 +139,9 @@ def _exchange_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
     (every rank sends its tensor to every other rank), run by the calling thread.
 
     gloo's allreduce hands each call to a worker thread and runs a ring of 2(W - 1) steps; at SyncBN's
-    payload sizes that hand-off and those steps are the cost (README "Benchmarks": about 3x less latency
-    at W = 2). Every rank adds the same rows in rank order, so all ranks get identical bits, as with
-    allreduce. A message of another size aborts gloo, as allreduce does (README "Exact semantics").
+    payload sizes that hand-off and those steps are the cost (README "Benchmarks"). Every rank adds the
+    same rows in rank order, so all ranks get identical bits, as with allreduce. A message of another size
+    aborts gloo, as allreduce does (README "Exact semantics").
     """
     me, size = group.rank(), group.size()
     key = (tensor.shape, tensor.dtype, size)

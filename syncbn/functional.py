@@ -49,10 +49,16 @@ def _in_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def _exchange(
-    ws: kernels.Workspace, layer_id: int, call_index: int, backward: bool, num_features: int, group
+    ws: kernels.Workspace,
+    layer_id: int,
+    call_index: int,
+    backward: bool,
+    num_features: int,
+    group,
+    swap: bool,
 ) -> tuple[list[float], kernels.Pair | None]:
-    """All-reduce the layer's payload (or swap it, on a two-rank CPU group); return the summed tail once
-    the call tags agree on every rank, and the two ranks' data rows when they were swapped, not summed."""
+    """All-reduce the layer's payload (or ``swap`` it, on a two-rank CPU group: comms.pairs); return the
+    summed tail once the call tags agree on every rank, and the two ranks' data rows when swapped."""
     if comms.debug():
         size = ws.payload.numel()
         parts = [1, size, size >> 16, pairing.layer_code(layer_id, backward), call_index]
@@ -60,7 +66,7 @@ def _exchange(
         pairing.check_fingerprint(parts, what, ws.payload.device, group)
     # The one collective of this pass: statistics (or gradient sums), count and tag of every rank.
     pair = None
-    if comms.pairs(group, ws.payload.device):
+    if swap:
         me = comms.swap(ws.payload, ws.inbox, group)
         mine, theirs = ws.read_tail(), ws.read_inbox_tail()  # no dispatch: host views
         tail = [a + b for a, b in zip(mine, theirs, strict=True)]  # whole numbers: exact, as a sum would be
@@ -121,15 +127,15 @@ def forward_stats_and_normalize(
     ws = kernels.workspace(layer_id, num_features, input.device)
     call_row, code_row = pairing.tail_parts(layer_id, call_index, False, input.device)
     # A two-rank swap sends means, which the combine weights by count; an all-reduce sums sums.
-    sums = not comms.pairs(process_group, input.device)
+    swap = comms.pairs(process_group, input.device)
     if error is None and input.numel() > 0:
         try:
-            kernels.pack_moments(input, ws, call_row, code_row, sums=sums)
+            kernels.pack_moments(input, ws, call_row, code_row, sums=not swap)
         except RuntimeError as e:  # still join the collective, so the others raise instead of waiting
             error = f"{type(e).__name__}: {e}"
     if error is not None or input.numel() == 0:
         kernels.pack_empty(ws, call_row, code_row, 0.0 if error is None else float("nan"))
-    tail, pair = _exchange(ws, layer_id, call_index, False, num_features, process_group)
+    tail, pair = _exchange(ws, layer_id, call_index, False, num_features, process_group, swap)
     count = _checked_count(tail[0], error, num_features, process_group)
 
     sdt = stats_dtype(input.dtype)
@@ -180,7 +186,8 @@ def backward_reduce_and_grad(
     except RuntimeError as e:  # join anyway with a NaN in the count slot, so every rank raises
         error = f"{type(e).__name__}: {e}"
         kernels.pack_empty(ws, call_row, code_row, float("nan"))
-    reduced, pair = _exchange(ws, layer_id, call_index, True, num_features, process_group)
+    swap = comms.pairs(process_group, input.device)
+    reduced, pair = _exchange(ws, layer_id, call_index, True, num_features, process_group, swap)
     if reduced[0] != reduced[0]:  # NaN: some rank failed here and joined only to tell us
         comms.raise_on_all_ranks(error, process_group)
     grad_input = None
