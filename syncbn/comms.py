@@ -108,8 +108,10 @@ def private_group(process_group: ProcessGroup = None) -> ProcessGroup:
 
 # The point-to-point slot (tag) of SyncBN's exchanges; gloo's collectives use other slots.
 _EXCHANGE_TAG = 0x5BC0
-# Up to this many ranks, a direct exchange (W - 1 messages per rank) beats gloo's allreduce.
-EXCHANGE_MAX_RANKS = 8
+# Up to this many ranks, sum by direct exchange (W - 1 messages per rank), which beats gloo's allreduce
+# on latency. Opt-in (SYNCBN_EXCHANGE_MAX_RANKS=8 on every rank): in our full test runs a process that had
+# exchanged sometimes aborted at exit ("terminate called without an active exception"), cause not found.
+EXCHANGE_MAX_RANKS = int(os.environ.get("SYNCBN_EXCHANGE_MAX_RANKS", "1"))
 # group -> whether its CPU tensors are summed by exchange; weak, so a destroyed group is not kept alive
 # until interpreter exit (gloo groups torn down that late can abort the process)
 _EXCHANGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from syncbn import SyncBatchNorm
+from syncbn import SyncBatchNorm, comms
 
 from .dist import spawn, values
 from .reference import reference_bn, rel_err, rows_of
@@ -128,7 +128,9 @@ def test_random_cases_match_the_reference(world_size, tmp_path):
 
 
 def non_finite(rank: int, world_size: int) -> dict:
-    """A NaN or Inf on one rank poisons exactly the channels it poisons in BatchNorm on the whole batch."""
+    """A NaN or Inf on one rank poisons exactly the channels it poisons in BatchNorm on the whole batch,
+    with the opt-in two-rank swap (whose combine must not turn an inf into NaN)."""
+    comms.EXCHANGE_MAX_RANKS = 8
     result = {}
     for name, bad in (("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf"))):
         xg = torch.randn(6, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
