@@ -50,7 +50,7 @@ check: $(STAMP)  ## distributed self-test: SyncBN vs float64 BatchNorm, all-redu
 	$(BIN)/python -m launch.run task=check $(ARGS)
 
 bench: $(STAMP)  ## benchmark SyncBN vs local BN + comm vs naive on 2 ranks, 1 thread each (ARGS=...)
-	SYNCBN_EXCHANGE_MAX_RANKS=8 $(BIN)/python -m launch.run task=bench launcher.nproc_per_node=2 timeout_s=3600 $(ARGS)
+	$(BIN)/python -m launch.run task=bench launcher.nproc_per_node=2 timeout_s=3600 $(ARGS)
 
 clean:  ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun

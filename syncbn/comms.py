@@ -18,7 +18,17 @@ ProcessGroup = Optional["dist.ProcessGroup"]
 
 _TIMEOUT: datetime.timedelta | None = None
 _DEBUG = os.environ.get("SYNCBN_DEBUG", "0") not in ("", "0")
-_PRIVATE_GROUPS: dict = {}
+# Keyed weakly by the default group, so that destroy_process_group() really frees the world and SyncBN's
+# copy of it: a gloo group still alive when Python finalizes can abort the process (README
+# "Troubleshooting"), and holding the world here kept it alive past the user's destroy_process_group().
+_PRIVATE_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _WorldToken:
+    """Stands for one default process group without keeping it alive."""
+
+    __slots__ = ("__weakref__",)  # a weak key where the group itself is None (NCCL's, used as given)
 
 
 def is_initialized() -> bool:
@@ -43,8 +53,15 @@ def world_token() -> Any:
     """An object that changes whenever the default process group is (re)created; None when not distributed.
 
     Layers key their cached group on it, so a destroyed and re-initialized world is never used stale.
+    It does not reference the group: a layer that outlives destroy_process_group() does not keep it alive.
     """
-    return dist.group.WORLD if is_initialized() else None
+    if not is_initialized():
+        return None
+    world = dist.group.WORLD
+    token = _TOKENS.get(world)
+    if token is None:
+        token = _TOKENS[world] = _WorldToken()
+    return token
 
 
 def set_timeout(timeout: datetime.timedelta | float | None) -> None:
@@ -109,11 +126,9 @@ def private_group(process_group: ProcessGroup = None) -> ProcessGroup:
 # The point-to-point slot (tag) of SyncBN's exchanges; gloo's collectives use other slots.
 _EXCHANGE_TAG = 0x5BC0
 # Up to this many ranks, sum by direct exchange (W - 1 messages per rank), which beats gloo's allreduce
-# on latency. Opt-in (SYNCBN_EXCHANGE_MAX_RANKS=8 on every rank): in our full test runs a process that had
-# exchanged sometimes aborted at exit ("terminate called without an active exception"), cause not found.
-EXCHANGE_MAX_RANKS = int(os.environ.get("SYNCBN_EXCHANGE_MAX_RANKS", "1"))
-# group -> whether its CPU tensors are summed by exchange; weak, so a destroyed group is not kept alive
-# until interpreter exit (gloo groups torn down that late can abort the process)
+# on latency. SYNCBN_EXCHANGE_MAX_RANKS=1 (the same on every rank) always uses the allreduce.
+EXCHANGE_MAX_RANKS = int(os.environ.get("SYNCBN_EXCHANGE_MAX_RANKS", "8"))
+# group -> whether its CPU tensors are summed by exchange; weak, like _PRIVATE_GROUPS
 _EXCHANGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _INBOXES: dict = {}
 

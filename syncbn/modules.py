@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import weakref
 from typing import Any
 
 import torch
@@ -25,26 +26,35 @@ _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
 _CONSTRUCTED = itertools.count(1)
 # Per sync group: (world token, construction number of the first layer that synced on that group). Per
 # group, because ranks may have synced other layers on other groups first (bench: W=2 rows, then W=4).
-_FIRST_SYNCED: dict = {}
+# Weak: a destroyed group's entry goes with it.
+_FIRST_SYNCED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _layer_id(constructed: int, token: Any, group: Any) -> int:
-    first = _FIRST_SYNCED.get(group)
+    key = token if group is None else group  # None: NCCL's default group, used as given
+    first = _FIRST_SYNCED.get(key)
     if first is None or first[0] is not token:
-        first = _FIRST_SYNCED[group] = (token, constructed)
+        first = _FIRST_SYNCED[key] = (token, constructed)
     return constructed - first[1] + 1  # the first layer that syncs is #1; 0 is the functional form's
 
 
 class _SyncState:
     """Python-side state of a layer's synced calls, passed to the compute as plain values."""
 
-    __slots__ = ("calls", "channels_checked", "group", "layer_id", "process_group", "sync", "token")
+    __slots__ = ("_group", "calls", "channels_checked", "layer_id", "process_group", "sync", "token")
 
     def __init__(self, token: Any, process_group: Any, sync: bool, group: Any, layer_id: int) -> None:
-        self.token, self.process_group, self.sync, self.group = token, process_group, sync, group
+        self.token, self.process_group, self.sync = token, process_group, sync
+        # Weak: a layer that outlives destroy_process_group() must not keep SyncBN's private group (and
+        # its gloo threads) alive; the state is rebuilt for the next world anyway (the token changes).
+        self._group = (lambda: None) if group is None else weakref.ref(group)
         self.layer_id = layer_id  # the call tag's layer number
         self.calls = 0  # synced calls so far: the call tag's index
         self.channels_checked = False  # set once all ranks agreed on num_features
+
+    @property
+    def group(self) -> Any:
+        return self._group()
 
 
 class SyncBatchNorm(_BatchNorm):

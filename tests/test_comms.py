@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -124,6 +125,27 @@ def test_the_group_is_cached_on_the_layer(tmp_path):
         assert r == {"first": 1, "after_new_group": 2, "copy_state": None}, r
 
 
+def groups_after_destroy(rank: int, world_size: int, exchange_max_ranks: int) -> dict:
+    """A layer still alive (the model in scope) when the job calls destroy_process_group()."""
+    comms.EXCHANGE_MAX_RANKS = exchange_max_ranks
+    layer = SyncBatchNorm(3)
+    for _ in range(3):
+        layer(torch.randn(4, 3, requires_grad=True)).sum().backward()
+    world, private = weakref.ref(dist.group.WORLD), weakref.ref(layer._sync_state.group)
+    assert private() is not world()
+    dist.destroy_process_group()
+    return {"world_freed": world() is None, "private_freed": private() is None}
+
+
+@pytest.mark.parametrize("exchange_max_ranks", [1, 8])
+def test_destroy_process_group_frees_the_groups_while_layers_live(exchange_max_ranks, tmp_path):
+    """A gloo group that outlives destroy_process_group() keeps its threads until Python finalizes, where
+    a thread still releasing its last collective aborts the process ("terminate called without an
+    active exception", seen in torchrun task=check); SyncBN must not be what keeps the groups alive."""
+    for r in values(spawn(groups_after_destroy, 2, tmp_path, exchange_max_ranks)):
+        assert r == {"world_freed": True, "private_freed": True}, r
+
+
 def errors_on_all_ranks(rank: int, world_size: int) -> dict:
     out = {"gathered": comms.gather_objects(f"r{rank}")}
     try:
@@ -149,7 +171,7 @@ def sums(rank: int, world_size: int) -> dict:
     two-rank swap. Values with many digits, so the order of the additions shows in the last bits."""
     from syncbn.testing import gloo_calls
 
-    comms.EXCHANGE_MAX_RANKS = 8  # opt-in
+    comms.EXCHANGE_MAX_RANKS = 8  # the default, whatever the environment says
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(37, dtype=torch.float64, generator=gen) * 10.0 ** torch.arange(37.0).remainder(9)
     out = {}

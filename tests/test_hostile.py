@@ -129,29 +129,35 @@ def test_random_cases_match_the_reference(world_size, tmp_path):
 
 def non_finite(rank: int, world_size: int) -> dict:
     """A NaN or Inf on one rank poisons exactly the channels it poisons in BatchNorm on the whole batch,
-    with the opt-in two-rank swap (whose combine must not turn an inf into NaN)."""
-    comms.EXCHANGE_MAX_RANKS = 8
+    with the two-rank swap (whose combine must not turn an inf into NaN) and with gloo's allreduce."""
     result = {}
-    for name, bad in (("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf"))):
-        xg = torch.randn(6, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-        xg[4, 1, 2] = bad  # row 4 belongs to rank 1
-        layer, ref = SyncBatchNorm(3, dtype=torch.float64), reference_bn(3, 3)
-        rows = slice(rank * 3, rank * 3 + 3)
-        y, yr = layer(xg[rows].clone()), ref(xg.clone())[rows]
-        same_nan = torch.equal(y.isnan(), yr.isnan())
-        finite = ~yr.isnan()
-        result[name] = {
-            "same_nan_mask": same_nan,
-            "finite_err": rel_err(y[finite], yr[finite]) if finite.any() else 0.0,
-            "running_mean_nan": torch.equal(layer.running_mean.isnan(), ref.running_mean.isnan()),
-            "running_var_nan": torch.equal(layer.running_var.isnan(), ref.running_var.isnan()),
-            "clean_channels_ok": bool(y[:, [0, 2]].isfinite().all()),
-        }
+    for path, limit in (("swap", 8), ("allreduce", 1)):
+        comms.EXCHANGE_MAX_RANKS = limit
+        comms._EXCHANGES.clear()  # the group's cached answer: ask again under this limit
+        for name, bad in (("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf"))):
+            result[f"{path}/{name}"] = _non_finite_case(rank, bad)
     return result
+
+
+def _non_finite_case(rank: int, bad: float) -> dict:
+    xg = torch.randn(6, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    xg[4, 1, 2] = bad  # row 4 belongs to rank 1
+    layer, ref = SyncBatchNorm(3, dtype=torch.float64), reference_bn(3, 3)
+    rows = slice(rank * 3, rank * 3 + 3)
+    y, yr = layer(xg[rows].clone()), ref(xg.clone())[rows]
+    finite = ~yr.isnan()
+    return {
+        "same_nan_mask": torch.equal(y.isnan(), yr.isnan()),
+        "finite_err": rel_err(y[finite], yr[finite]) if finite.any() else 0.0,
+        "running_mean_nan": torch.equal(layer.running_mean.isnan(), ref.running_mean.isnan()),
+        "running_var_nan": torch.equal(layer.running_var.isnan(), ref.running_var.isnan()),
+        "clean_channels_ok": bool(y[:, [0, 2]].isfinite().all()),
+    }
 
 
 def test_nan_and_inf_propagate_exactly_as_in_batchnorm(tmp_path):
     for per_rank in values(spawn(non_finite, 2, tmp_path)):
+        assert len(per_rank) == 6
         for name, r in per_rank.items():
             assert r["same_nan_mask"] and r["running_mean_nan"] and r["running_var_nan"], (name, r)
             assert r["finite_err"] < 1e-12 and r["clean_channels_ok"], (name, r)

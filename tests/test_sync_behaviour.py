@@ -162,7 +162,7 @@ def no_input_grad(rank: int, world_size: int) -> dict:
 
 
 def run_all(rank: int, world_size: int) -> dict:
-    comms.EXCHANGE_MAX_RANKS = 8  # the two-rank swap (opt-in), before any group is asked
+    comms.EXCHANGE_MAX_RANKS = 8  # the two-rank swap (the default, whatever the environment says)
     return {
         "counts": count_collectives(rank, world_size),
         "offset_1e4": large_offset(rank, world_size, 1e4),
@@ -222,7 +222,7 @@ def test_backward_collective_does_not_depend_on_input_requires_grad(results):
         assert r["no_input_grad"]["grad_weight"] < 1e-10
 
 
-# ATen ops per layer step (forward + backward) on CPU at W=2, opt-in two-rank swap: 20 (was ~60), plus one
+# ATen ops per layer step (forward + backward) on CPU at W=2, with the two-rank swap: 20 (was ~60), plus one
 # select per model step (the call tag row, shared by every layer; here the first case pays it). What
 # remains: the shifted local moments (stability), the payload with its tag, the count-weighted float64
 # combine, running stats with the batch counter, normalization, and backward's reduce, payload and

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from syncbn import SyncBatchNorm
+from syncbn import SyncBatchNorm, comms
 
 from .dist import DEVICE, spawn, values
 from .reference import TOLERANCE, compare_step, reference_bn, rel_err, rows_of
@@ -120,16 +120,19 @@ def run_case(rank: int, world_size: int, case: dict, steps: int = 3) -> list:
     return errors
 
 
-def run_all_cases(rank: int, world_size: int) -> list:
+def run_all_cases(rank: int, world_size: int, exchange_max_ranks: int) -> list:
+    comms.EXCHANGE_MAX_RANKS = exchange_max_ranks
     errors = []
     for case in make_cases(world_size):
         errors.extend(run_case(rank, world_size, case))
     return errors
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_matches_batchnorm_on_global_batch(world_size, tmp_path):
-    per_rank = values(spawn(run_all_cases, world_size, tmp_path, timeout=150))
+# W=2: the two-rank swap; W=3: the direct exchange; W=4: gloo's allreduce (SYNCBN_EXCHANGE_MAX_RANKS=1),
+# the path of NCCL and of larger gloo groups.
+@pytest.mark.parametrize(("world_size", "exchange_max_ranks"), [(2, 8), (3, 8), (4, 1)])
+def test_matches_batchnorm_on_global_batch(world_size, exchange_max_ranks, tmp_path):
+    per_rank = values(spawn(run_all_cases, world_size, tmp_path, exchange_max_ranks, timeout=150))
     failures = [
         f"rank {r} {name} {what}: err {err:.3g} > tol {tol:.3g}"
         for r, errors in enumerate(per_rank)
