@@ -6,6 +6,8 @@ Per rank, median forward+backward time of one layer, measured interleaved (A B C
 hits every variant alike; every variant starts after a barrier, so a late peer is nobody's cost:
   syncbn  ours, training mode             local   F.batch_norm on the same local batch, no sync
   comm    bare all-reduces of 2C+1 and 2C float64, back to back
+  exchange  the layer's two payloads (2C+5 float64 each) summed as the layer sums them, back to back
+          (syncbn.comms.all_reduce_sum: a direct exchange on gloo groups of up to 8 ranks)
   insitu  local forward, all-reduce of 2C+1 float64, local backward, all-reduce of 2C float64: the floor
           timed like our step, so it pays the same in-step waits any synchronous SyncBN pays
   naive   autograd SyncBN (count all-reduce, then sums; autograd backward)
@@ -32,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from syncbn import SyncBatchNorm, convert_sync_batchnorm
+from syncbn import SyncBatchNorm, comms, convert_sync_batchnorm
 from syncbn.testing import aten_ops
 
 from . import bench_cuda
@@ -134,6 +136,7 @@ def _variants(
     # The communication floor, in float64 like the layer's payloads
     fwd_stats = torch.zeros(2 * c + 1, dtype=torch.float64, device=dev)
     bwd_stats = torch.zeros(2 * c, dtype=torch.float64, device=dev)
+    payloads = torch.zeros(2, 2 * c + 5, dtype=torch.float64, device=dev).unbind()
 
     def local():
         return F.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5)
@@ -142,6 +145,11 @@ def _variants(
         if world > 1:
             dist.all_reduce(fwd_stats, group=group)
             dist.all_reduce(bwd_stats, group=group)
+
+    def exchange():
+        if world > 1:
+            for payload in payloads:
+                comms.all_reduce_sum(payload, group)
 
     def insitu():
         y = local()
@@ -164,6 +172,7 @@ def _variants(
         "syncbn": lambda: forwards["syncbn"]().backward(dy),
         "local": lambda: local().backward(dy),
         "comm": comm,
+        "exchange": exchange,
         "insitu": insitu,
         "naive": lambda: forwards["naive"]().backward(dy),
     }
@@ -328,9 +337,10 @@ def _time_network(ctx: Context, group, world: int, per_rank: int, rounds: int, w
 
 def _log_row(ctx: Context, row: dict[str, Any]) -> None:
     ctx.log.info(
-        "W=%d %-14s %-13s %-8s syncbn %.3f ms  insitu %.3f  local %.3f  comm %.3f  naive %.3f  "
-        "insitu_ratio %.3f  naive_speedup %.2f  cpu_overhead %.3f  ops %d",
+        "W=%d %-14s %-13s %-8s syncbn %.3f ms  insitu %.3f  local %.3f  comm %.3f  exchange %.3f  "
+        "naive %.3f  insitu_ratio %.3f  naive_speedup %.2f  cpu_overhead %.3f  ops %d",
         *(row[k] for k in ("world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm")),
+        row["exchange"],
         *(row[k] for k in ("naive", "insitu_ratio", "naive_speedup", "cpu_overhead", "ops_syncbn")),
     )
 
@@ -382,7 +392,8 @@ def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skippe
     }
     report.write_json(run_dir / "bench.json", meta)
     _plot(run_dir, rows)
-    columns = ["world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm", "naive"]
+    columns = ["world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm", "exchange"]
+    columns += ["naive"]
     columns += ["insitu_ratio", "floor_ratio", "naive_speedup", "syncbn_cpu", "insitu_cpu", "cpu_overhead"]
     columns += ["ops_syncbn", "saved_MB_syncbn"]
     columns += [c for c in bench_cuda.COLUMNS if any(c in row for row in rows)]
