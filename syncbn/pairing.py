@@ -19,7 +19,8 @@ TAIL = 5  # payload tail: count slot, b, b^2, a, a^2 (b = call index, a = layer 
 
 _ROWS: dict = {}  # device -> (TAG_LIMIT, 2) float64 table of [t, t^2]
 _CODES: dict = {}  # (layer code, device) -> [a, a^2] view of that table
-_CALLS: dict = {}  # (call index, device) -> [b, b^2] view: shared by every layer at the same step
+_CALLS: dict = {}  # (call index mod TAG_LIMIT, device) -> [b, b^2] view: shared by every layer at a step
+_CALL_BLOCK = 256  # call rows are cut from the table this many at a time: no dispatch on most steps
 
 
 def _table(device: torch.device) -> torch.Tensor:
@@ -39,19 +40,22 @@ def tail_parts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two tag pieces of a payload tail: ``[b, b^2]`` (call) and ``[a, a^2]`` (layer, pass).
 
-    Both are cached views of a per-device table, so writing a tail costs a share of the payload's ``cat``
-    (and one select per step for the whole model: all its layers are at the same call index).
+    Both are cached views of a per-device table, so writing a tail costs a share of the payload's ``cat``.
+    Call rows are cut ``_CALL_BLOCK`` at a time (one slice and one unbind per 256 steps of the model).
     """
     code = _CODES.get((layer_code(layer_id, backward), device))
     if code is None:
         code = _CODES[(layer_code(layer_id, backward), device)] = _table(device)[
             layer_code(layer_id, backward)
         ]
-    call = _CALLS.get((call_index, device))
+    index = call_index % TAG_LIMIT
+    call = _CALLS.get((index, device))
     if call is None:
-        if len(_CALLS) > 64:  # only the current steps' rows are needed
+        if len(_CALLS) > 4 * _CALL_BLOCK:  # only the current steps' rows are needed
             _CALLS.clear()
-        call = _CALLS[(call_index, device)] = _table(device)[call_index % TAG_LIMIT]
+        block = _table(device)[index : index + _CALL_BLOCK].unbind()
+        _CALLS.update(((index + i, device), row) for i, row in enumerate(block))
+        call = block[0]
     return call, code
 
 

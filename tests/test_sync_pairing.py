@@ -180,3 +180,20 @@ def test_eval_from_the_start_on_one_rank_names_the_cause(tmp_path):
     first, second = values(spawn(eval_from_the_start, 2, tmp_path, timeout=60))
     assert first[0] == "RuntimeError" and "SyncBatchNorm" in first[1] and "Likely cause" in first[1], first
     assert second == ("none", "")
+
+
+def test_call_tag_rows_wrap_and_come_in_blocks():
+    """The call row of any call index is [b, b^2] with b = index mod TAG_LIMIT, across block and wrap
+    boundaries; a model step reuses its block's rows with no dispatch."""
+    from syncbn import pairing
+    from syncbn.testing import aten_ops
+
+    cpu = torch.device("cpu")
+    limit, block = pairing.TAG_LIMIT, pairing._CALL_BLOCK
+    for index in (0, 1, block - 1, block, limit - 1, limit, limit + block + 3, 5 * limit + 7):
+        call, code = pairing.tail_parts(3, index, False, cpu)
+        b = index % limit
+        assert call.tolist() == [b, b * b], index
+        assert code.tolist() == [pairing.layer_code(3, False), pairing.layer_code(3, False) ** 2]
+    pairing.tail_parts(3, 10 * block, True, cpu)
+    assert aten_ops(lambda: pairing.tail_parts(3, 10 * block + 1, True, cpu)) == []
