@@ -133,6 +133,11 @@ _EXCHANGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _INBOXES: dict = {}
 
 
+def _group_or_world(process_group: ProcessGroup) -> Any:
+    """``process_group``, or the default group for None (the same fast paths for both)."""
+    return dist.group.WORLD if process_group is None else process_group
+
+
 def _exchanges(group: dist.ProcessGroup) -> bool:
     """Whether SyncBN sums over ``group`` by direct exchange: gloo, 2 to EXCHANGE_MAX_RANKS ranks."""
     known = _EXCHANGES.get(group)
@@ -180,7 +185,7 @@ def _exchange_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
 def pairs(process_group: ProcessGroup, device: torch.device) -> bool:
     """Whether SyncBN's payloads on ``device`` go by :func:`swap` over ``process_group``: CPU tensors on a
     gloo group of exactly two ranks. The same answer on both ranks (it depends on the group only)."""
-    group = dist.group.WORLD if process_group is None else process_group
+    group = _group_or_world(process_group)
     return (
         device.type == "cpu"
         and isinstance(group, dist.ProcessGroup)
@@ -193,7 +198,7 @@ def swap(tensor: torch.Tensor, inbox: torch.Tensor, process_group: ProcessGroup)
     """Send a contiguous CPU ``tensor`` to the other rank of a two-rank group (:func:`pairs`) and receive
     its tensor into ``inbox``; return this rank (0 or 1). The caller combines the two in rank order, fused
     with the op that needs them: one dispatch fewer than summing first."""
-    group = dist.group.WORLD if process_group is None else process_group
+    group = _group_or_world(process_group)
     me = group.rank()
     try:
         _send_recv(group, tensor, {1 - me: inbox})
@@ -216,13 +221,16 @@ def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup = None) -> 
     A failure here (the process group's timeout, a peer that died or sent something else) almost always
     means the ranks stopped calling this layer in step; the error says so instead of only "timed out".
     """
-    if process_group is None:  # the default group (NCCL's, which has no private copy): the same fast path
-        process_group = dist.group.WORLD
+    process_group = _group_or_world(process_group)  # NCCL's default group has no private copy
     try:
         if not isinstance(process_group, dist.ProcessGroup):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
-        elif tensor.device.type == "cpu" and tensor.is_contiguous() and _exchanges(process_group):
-            _exchange_sum(tensor, process_group)
+        elif tensor.device.type == "cpu" and _exchanges(process_group):
+            # The path may not depend on this rank's layout: every rank must take the same one.
+            flat = tensor.contiguous()
+            _exchange_sum(flat, process_group)
+            if flat is not tensor:
+                tensor.copy_(flat)
         else:
             # The group's own allreduce (what dist.all_reduce ends in), without the wrapper's per-call
             # checks and logging: about 10 us per call, twice per layer step.

@@ -181,6 +181,10 @@ def sums(rank: int, world_size: int) -> dict:
     theirs = x.clone()
     dist.all_reduce(theirs)
     out["sum"], out["allreduce"] = mine, theirs
+    # A rank whose tensor is a transposed view takes the same path as the others (else they would hang)
+    grid = torch.arange(6, dtype=torch.float64).reshape(2, 3) + rank
+    view = grid.t() if rank == 0 else grid.t().contiguous()
+    out["non_contiguous"] = comms.all_reduce_sum(view).tolist()
     counts = torch.arange(5, dtype=torch.int64) + rank * 10**12
     out["int64"] = comms.all_reduce_sum(counts).tolist()
     out["pairs"] = comms.pairs(None, torch.device("cpu"))
@@ -214,6 +218,8 @@ def test_small_gloo_groups_sum_by_exchange_with_the_same_bits_on_every_rank(worl
         assert ((r["big_sum"] - r["allreduce"]).abs() <= 1e-14 * scale).all()
         assert r["int64"] == [world_size * i + 10**12 * sum(range(world_size)) for i in range(5)]
         assert r["pairs"] == (world_size == 2)
+        grid = torch.arange(6, dtype=torch.float64).reshape(2, 3) * world_size + sum(range(world_size))
+        assert r["non_contiguous"] == grid.t().tolist()
     if world_size == 2:
         assert torch.equal(per_rank[0]["sum"], per_rank[0]["allreduce"])  # a + b, as gloo adds two
         for me, r in enumerate(per_rank):
