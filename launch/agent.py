@@ -1,19 +1,22 @@
 """This node's elastic agent: torch's LaunchConfig from the launcher settings, then the workers it starts.
 
 The agent (the machinery behind torchrun) joins the c10d rendezvous, spawns nproc_per_node workers running
-launch.worker.run_worker with the resolved config, restarts the group up to max_restarts times, and reports
-the failing rank's own exception when it gives up. A node of a multi-node job first works out its place on
-the network (launch/network.py), and every wait of its agent is bounded by timeout_s (launch/waits.py).
-The failing rank's traceback file is named; Ctrl-C stops every worker and exits 130 with one line.
+launch.worker.run_worker with the resolved config, restarts the group up to max_restarts times, and when it
+gives up reports each failed rank's own exception and traceback file, the first failure first. A node of a
+multi-node job first works out its place on the network (launch/network.py), and every wait of its agent is
+bounded by timeout_s (launch/waits.py). Ctrl-C stops every worker and exits 130 with one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,20 +144,70 @@ def _elastic_launch(cfg: dict[str, Any], run_dir: Path, net: NodeNetwork | None)
 
 
 def _report_failure(error, run_dir: Path, timeout_s: float | None = None) -> None:
-    """Print the failing rank's own exception, not just 'child failed' (with a hint when multi-node)."""
-    failures = getattr(error, "failures", {}) or {}
-    print(f"error: {len(failures) or 'some'} worker(s) failed; run directory {run_dir}", file=sys.stderr)
+    """Print every failed rank's own exception, the first to fail first (with a hint when multi-node).
+
+    The agent names only the worker it saw exit first and stops the others; but once one rank fails, its
+    peers fail too ("Connection closed by peer"), and the one seen first may be such an echo. Each worker
+    writes its error file before closing its connections (worker.record_error), so the files of this
+    attempt, oldest first, lead with the cause.
+    """
+    failures = _attempt_failures(getattr(error, "failures", {}) or {})
+    first = f"; rank {failures[0].rank} failed first" if len(failures) > 1 else ""
+    print(
+        f"error: {len(failures) or 'some'} worker(s) failed; run directory {run_dir}{first}", file=sys.stderr
+    )
     hints = set()
-    for rank, failure in sorted(failures.items())[:4]:
+    for failure in failures[:4]:
+        how = f"exit code {failure.exitcode}" if failure.exitcode is not None else "error recorded"
+        print(f"  rank {failure.rank} ({how}): {waits.one_line(failure.message)}", file=sys.stderr)
+        if failure.error_file is not None:
+            print(f"    traceback: {failure.error_file}", file=sys.stderr)
+        else:  # killed by a signal: no exception was recorded; its log says how far it got
+            print(f"    log: {run_dir / 'logs' / f'rank{failure.rank}.log'}", file=sys.stderr)
+        if timeout_s is not None:
+            hints.add(waits.hint(failure.message, timeout_s))
+    for line in sorted(h for h in hints if h):
+        print(line, file=sys.stderr)
+
+
+@dataclass
+class _Failure:
+    rank: int
+    exitcode: int | None  # None: not reported by the agent (stopped after it had recorded its error)
+    message: str
+    error_file: Path | None  # None: it recorded no error (killed by a signal)
+    recorded_at: float  # the error file's mtime; inf without one
+
+
+def _attempt_failures(reported: dict[int, Any]) -> list[_Failure]:
+    """The agent's failures plus every other worker of the same attempt that recorded an error, in the
+    order they recorded them. Error files live at <attempt dir>/<local rank>/error.json."""
+    found: dict[int, _Failure] = {}
+    attempts: dict[Path, int] = {}  # attempt dir -> global rank of its local rank 0
+    for rank, failure in reported.items():
+        path = Path(failure.error_file) if failure.error_file else None
         message = failure.message
         if isinstance(message, dict):
             message = message.get("message", message)
-        print(f"  rank {rank} (exit code {failure.exitcode}): {waits.one_line(message)}", file=sys.stderr)
-        if failure.error_file and Path(failure.error_file).is_file():
-            print(f"    traceback: {failure.error_file}", file=sys.stderr)
-        else:  # killed by a signal: no exception was recorded; its log says how far it got
-            print(f"    log: {run_dir / 'logs' / f'rank{rank}.log'}", file=sys.stderr)
-        if timeout_s is not None:
-            hints.add(waits.hint(str(message), timeout_s))
-    for line in sorted(h for h in hints if h):
-        print(line, file=sys.stderr)
+        found[rank] = _failure(rank, failure.exitcode, str(message), path)
+        if path is not None:
+            attempts[path.parent.parent] = rank - failure.local_rank
+    for attempt, base in attempts.items():
+        for path in attempt.glob("*/error.json"):
+            rank = base + int(path.parent.name) if path.parent.name.isdigit() else None
+            if rank is None or rank in found:
+                continue
+            with contextlib.suppress(
+                OSError, ValueError, KeyError, TypeError
+            ):  # a file cut off as it was stopped
+                message = json.loads(path.read_text())["message"]
+                message = message.get("message", message) if isinstance(message, dict) else message
+                found[rank] = _failure(rank, None, str(message), path)
+    return sorted(found.values(), key=lambda f: (f.recorded_at, f.rank))
+
+
+def _failure(rank: int, exitcode: int | None, message: str, path: Path | None) -> _Failure:
+    try:
+        return _Failure(rank, exitcode, message, path, path.stat().st_mtime if path else math.inf)
+    except OSError:
+        return _Failure(rank, exitcode, message, None, math.inf)

@@ -30,10 +30,27 @@ def run_worker(cfg: dict[str, Any], run_dir: str) -> None:
         try:
             ctx.job = job
             TASKS[cfg["task"]["name"]](ctx)
+        except Exception as e:
+            record_error(e)
+            raise
         finally:
             teardown()
     except KeyboardInterrupt:  # Ctrl-C reached the workers too: the launcher reports it, in one line
         raise SystemExit(130) from None
+
+
+def record_error(error: Exception) -> None:
+    """Write this rank's error file (the one the agent reports) now, before teardown closes its connections.
+
+    Closing them makes each peer still waiting on this rank fail too ("Connection closed by peer"), and the
+    agent stops the remaining workers as soon as one has failed: without this, the rank that failed first
+    could be stopped before torch's own wrapper writes its file, and only the peer's echo would be reported.
+    Must be called while ``error`` is being handled (the file holds its traceback).
+    """
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # set by the elastic agent (launch.run, torchrun)
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
 
 
 def _job(cfg: dict[str, Any], run_dir: Path) -> str:
