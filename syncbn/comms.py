@@ -1,4 +1,4 @@
-"""The one place syncbn talks to ``torch.distributed``.
+"""The one place syncbn talks to ``torch.distributed`` (with links.py, its same-host transport).
 
 Every helper is safe when torch.distributed is unavailable or not initialized (world size 1), so the
 same layer code runs in a notebook, under gloo on a laptop and under NCCL on a cluster.
@@ -13,6 +13,8 @@ from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
+
+from . import links
 
 ProcessGroup = Optional["dist.ProcessGroup"]
 
@@ -149,7 +151,12 @@ def _exchanges(group: dist.ProcessGroup) -> bool:
 
 
 def _send_recv(group: dist.ProcessGroup, tensor: torch.Tensor, inboxes: dict[int, torch.Tensor]) -> None:
-    """Send ``tensor`` to every peer in ``inboxes`` and receive each peer's tensor into its inbox."""
+    """Send ``tensor`` to every peer in ``inboxes`` and receive each peer's tensor into its inbox: over
+    same-host links where the group has them (syncbn/links.py), else by gloo's send and recv."""
+    peers = links.links(group, timeout().total_seconds())
+    if peers is not None and tensor.nbytes <= links.LINK_MAX_BYTES:
+        peers.exchange(tensor, inboxes)
+        return
     sends = [group.send([tensor], r, _EXCHANGE_TAG) for r in inboxes]
     recvs = [group.recv([inbox], r, _EXCHANGE_TAG) for r, inbox in inboxes.items()]
     for work in recvs + sends:  # the sends too: the caller may overwrite what they read
@@ -202,7 +209,7 @@ def swap(tensor: torch.Tensor, inbox: torch.Tensor, process_group: ProcessGroup)
     me = group.rank()
     try:
         _send_recv(group, tensor, {1 - me: inbox})
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # OSError: a same-host link's timeout
         raise _failure(tensor, group, e) from e
     return me
 
@@ -235,7 +242,7 @@ def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup = None) -> 
             # The group's own allreduce (what dist.all_reduce ends in), without the wrapper's per-call
             # checks and logging: about 10 us per call, twice per layer step.
             process_group.allreduce([tensor]).wait()
-    except RuntimeError as e:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
+    except (RuntimeError, OSError) as e:  # DistBackendError, gloo/NCCL and link timeouts
         raise _failure(tensor, process_group, e) from e
     return tensor
 

@@ -107,11 +107,14 @@ def aten_ops(fn: Callable[[], Any]) -> list[str]:
 
 
 def gloo_calls(fn: Callable[[], Any]) -> int:
-    """How many gloo collectives ``fn`` runs on this rank; an exchange (the sends, then the receives, with
-    which syncbn.comms sums over a small group) counts as one."""
+    """How many collectives ``fn`` runs on this rank, gloo's or SyncBN's; an exchange (the sends, then the
+    receives, with which syncbn.comms sums over a small group, by gloo or a same-host link) counts as one."""
+    from . import links
+
+    before = links.exchanges
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    calls, previous = 0, ""
+    calls, previous = links.exchanges - before, ""
     for e in prof.events():
         if e.name.startswith("gloo:"):
             # an exchange posts all its sends, then all its receives: a send after anything else starts one

@@ -176,6 +176,8 @@ def sums(rank: int, world_size: int) -> dict:
     x = torch.randn(37, dtype=torch.float64, generator=gen) * 10.0 ** torch.arange(37.0).remainder(9)
     out = {}
     mine = x.clone()
+    # The group's first exchange sets up its same-host links: two small all-reduces, once.
+    out["first_calls"] = gloo_calls(lambda: comms.all_reduce_sum(torch.zeros(3)))
     out["calls"] = gloo_calls(lambda: comms.all_reduce_sum(mine))
     out["exchanged"] = comms._exchanges(dist.group.WORLD)
     theirs = x.clone()
@@ -213,6 +215,7 @@ def test_small_gloo_groups_sum_by_exchange_with_the_same_bits_on_every_rank(worl
     scale = world_size * 4.0 * 10.0 ** torch.arange(37.0, dtype=torch.float64).remainder(9)
     for r in per_rank:
         assert r["exchanged"] and r["calls"] == 1 and not r["big_exchanged"] and r["big_calls"] == 1
+        assert r["first_calls"] == (3 if world_size <= comms.EXCHANGE_MAX_RANKS else 1)
         assert torch.equal(r["sum"], first["sum"]), "every rank must hold identical bits"
         assert ((r["sum"] - r["allreduce"]).abs() <= 1e-14 * scale).all(), "the same sum as allreduce"
         assert ((r["big_sum"] - r["allreduce"]).abs() <= 1e-14 * scale).all()

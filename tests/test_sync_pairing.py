@@ -8,6 +8,7 @@ pinned too, so the README's list stays true.
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -125,9 +126,29 @@ def test_debug_mode_turns_size_mismatches_into_errors(tmp_path, monkeypatch):
         assert kind == "RuntimeError" and "channel check" in message, message
 
 
-def test_without_debug_mode_a_size_mismatch_aborts_gloo(tmp_path, monkeypatch):
-    """What the README says aborts without SYNCBN_DEBUG: the same mistake with layers of different width."""
+def test_without_debug_mode_a_size_mismatch_on_one_host_raises_on_every_rank(tmp_path, monkeypatch):
+    """Without SYNCBN_DEBUG, layers of different width: on one machine the same-host links see the
+    message sizes differ, so every rank raises (and the links stay usable); gloo would abort."""
     monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
+    monkeypatch.delenv("SYNCBN_LINKS", raising=False)
+    for r in values(spawn(_mismatch_case, 2, tmp_path, timeout=60)):
+        kind, message = r["outcome"]
+        assert kind == "RuntimeError" and "Likely cause" in message, message
+        assert re.search(r"rank \d sent \d+ bytes where this call expects \d+", message), message
+        assert r["after"] == [2.0, 2.0]
+
+
+def _mismatch_case(rank: int, world_size: int) -> dict:
+    assert not comms.debug()
+    outcome = _widths_differ(rank)
+    return {"outcome": outcome, "after": comms.all_reduce_sum(torch.ones(2)).tolist()}
+
+
+def test_without_debug_mode_or_links_a_size_mismatch_aborts_gloo(tmp_path, monkeypatch):
+    """What the README says aborts without SYNCBN_DEBUG across machines (gloo carries the messages; here
+    SYNCBN_LINKS=0 stands in for a second host): the same mistake with layers of different width."""
+    monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
+    monkeypatch.setenv("SYNCBN_LINKS", "0")
     with pytest.raises(AssertionError, match="died without reporting"):
         spawn(_abort_case, 2, tmp_path, timeout=60)
 
