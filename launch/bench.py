@@ -7,16 +7,19 @@ hits every variant alike; every variant starts after a barrier, so a late peer i
   syncbn  ours, training mode             local   F.batch_norm on the same local batch, no sync
   comm    bare all-reduces of 2C+1 and 2C float64, back to back
   exchange  the layer's two payloads (2C+5 float64 each) summed as the layer sums them, back to back
-          (syncbn.comms.all_reduce_sum: a direct exchange on gloo groups of up to 8 ranks)
+          (syncbn.comms.all_reduce_sum: a direct exchange on gloo groups of up to 8 ranks, over same-host
+          links when the ranks share a machine)
   insitu  local forward, all-reduce of 2C+1 float64, local backward, all-reduce of 2C float64: the floor
           timed like our step, so it pays the same in-step waits any synchronous SyncBN pays
   naive   autograd SyncBN (count all-reduce, then sums; autograd backward)
   torch   torch.nn.SyncBatchNorm (CUDA only; at world size 1 both synced paths: see launch/bench_cuda.py)
   compiled  ours under torch.compile (task.compile; world size 2, float32 rows), compile_s its first call
-floor_ratio = syncbn / (local + comm); insitu_ratio = syncbn / insitu; naive_speedup = naive / syncbn;
-compiled_speedup = syncbn / compiled; ops = ATen ops one layer step dispatches (torch.profiler, top
-level). Then one training step of the configured model (DDP + SGD) with task.network_images images per
-rank: syncbn vs bn vs naive, and with task.compile at world size 2 syncbn_compiled and bn_compiled.
+floor_ratio = syncbn / (local + comm); exchange_ratio = syncbn / (local + exchange), the floor on the
+layer's own transport (bare, so without in-step waits); insitu_ratio = syncbn / insitu;
+naive_speedup = naive / syncbn; compiled_speedup = syncbn / compiled; ops = ATen ops one layer step
+dispatches (torch.profiler, top level). Then one training step of the configured model (DDP + SGD)
+with task.network_images images per rank: syncbn vs bn vs naive, and with task.compile at world size 2
+syncbn_compiled and bn_compiled.
 On CUDA each row also counts the GPU kernels and host syncs of one step of every variant.
 """
 
@@ -255,6 +258,7 @@ def _time_case(ctx: Context, case: dict, group, world: int, rounds: int, warmup:
         "dtype": case["dtype"],
         **{k: round(v, 4) for k, v in ms.items()},
         "floor_ratio": round(ms["syncbn"] / (ms["local"] + ms["comm"]), 3),
+        "exchange_ratio": round(ms["syncbn"] / (ms["local"] + ms["exchange"]), 3),
         "insitu_ratio": round(ms["syncbn"] / ms["insitu"], 3),
         "naive_speedup": round(ms["naive"] / ms["syncbn"], 3),
         # what the layer itself adds to the floor, in CPU time of the rank process (no waits)
@@ -394,7 +398,8 @@ def _write(ctx: Context, rows: list[dict[str, Any]], network: list[dict], skippe
     _plot(run_dir, rows)
     columns = ["world_size", "shape", "format", "dtype", "syncbn", "insitu", "local", "comm", "exchange"]
     columns += ["naive"]
-    columns += ["insitu_ratio", "floor_ratio", "naive_speedup", "syncbn_cpu", "insitu_cpu", "cpu_overhead"]
+    columns += ["insitu_ratio", "floor_ratio", "exchange_ratio", "naive_speedup"]
+    columns += ["syncbn_cpu", "insitu_cpu", "cpu_overhead"]
     columns += ["ops_syncbn", "saved_MB_syncbn"]
     columns += [c for c in bench_cuda.COLUMNS if any(c in row for row in rows)]
     compiled = [row for row in rows if "compiled" in row]

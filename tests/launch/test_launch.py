@@ -197,7 +197,7 @@ def test_bench_smoke_writes_its_outputs(tmp_path):
     assert len(rows["rows"]) == 12
     header = (tmp_path / "bench.csv").read_text().splitlines()[0].split(",")
     times = {"syncbn", "local", "comm", "exchange", "naive"}
-    assert times | {"floor_ratio", "naive_speedup", "saved_MB_syncbn"} <= set(header)
+    assert times | {"floor_ratio", "exchange_ratio", "naive_speedup", "saved_MB_syncbn"} <= set(header)
     assert {"syncbn_cpu", "insitu_cpu", "cpu_overhead"} <= set(header)
     for row in rows["rows"]:  # CPU time of the rank process: positive, about at most the wall time
         assert 0 < row["syncbn_cpu"] <= row["syncbn"] * 1.05 + 0.05, row
