@@ -139,8 +139,8 @@ def _connect(group: dist.ProcessGroup, timeout_s: float) -> Links | None:
     dist.all_reduce(names, group=group)  # every rank's name; all zeros where disabled
     for r in range(size):
         if r != me and listener is not None and names[r].any():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(timeout_s)
                 # room for the two messages that may be unread at once (see LINK_MAX_BYTES)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * LINK_MAX_BYTES)
