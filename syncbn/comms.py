@@ -170,7 +170,8 @@ def _exchange_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
     gloo's allreduce hands each call to a worker thread and runs a ring of 2(W - 1) steps; at SyncBN's
     payload sizes that hand-off and those steps are the cost (README "Benchmarks"). Every rank adds the
     same rows in rank order, so all ranks get identical bits, as with allreduce. A message of another size
-    aborts gloo, as allreduce does (README "Exact semantics").
+    raises on every rank over same-host links and aborts gloo, as allreduce does, across machines (README
+    "Exact semantics").
     """
     me, size = group.rank(), group.size()
     key = (tensor.shape, tensor.dtype, size)
