@@ -186,10 +186,7 @@ def _attempt_failures(reported: dict[int, Any]) -> list[_Failure]:
     attempts: dict[Path, int] = {}  # attempt dir -> global rank of its local rank 0
     for rank, failure in reported.items():
         path = Path(failure.error_file) if failure.error_file else None
-        message = failure.message
-        if isinstance(message, dict):
-            message = message.get("message", message)
-        found[rank] = _failure(rank, failure.exitcode, str(message), path)
+        found[rank] = _failure(rank, failure.exitcode, _text(failure.message), path)
         if path is not None:
             attempts[path.parent.parent] = rank - failure.local_rank
     for attempt, base in attempts.items():
@@ -197,13 +194,15 @@ def _attempt_failures(reported: dict[int, Any]) -> list[_Failure]:
             rank = base + int(path.parent.name) if path.parent.name.isdigit() else None
             if rank is None or rank in found:
                 continue
-            with contextlib.suppress(
-                OSError, ValueError, KeyError, TypeError
-            ):  # a file cut off as it was stopped
-                message = json.loads(path.read_text())["message"]
-                message = message.get("message", message) if isinstance(message, dict) else message
-                found[rank] = _failure(rank, None, str(message), path)
+            # a file cut off as its worker was stopped is left out
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                found[rank] = _failure(rank, None, _text(json.loads(path.read_text())["message"]), path)
     return sorted(found.values(), key=lambda f: (f.recorded_at, f.rank))
+
+
+def _text(message: Any) -> str:
+    """An error file's message: torch nests the text in a dict with the traceback beside it."""
+    return str(message.get("message", message) if isinstance(message, dict) else message)
 
 
 def _failure(rank: int, exitcode: int | None, message: str, path: Path | None) -> _Failure:

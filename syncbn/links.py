@@ -100,7 +100,7 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-def _read_exactly(sock: socket.socket, view: memoryview, peer: int) -> None:
+def _read_exactly(sock: socket.socket, view: memoryview, peer: int | str) -> None:
     while view.nbytes:
         got = sock.recv_into(view)
         if got == 0:
@@ -159,8 +159,8 @@ def _connect(group: dist.ProcessGroup, timeout_s: float) -> Links | None:
         for _ in range(size - 1):
             sock, _ = listener.accept()
             sock.settimeout(timeout_s)
-            hello = memoryview(bytearray(_HEADER.size))
-            _read_exactly(sock, hello, -1)
+            hello = memoryview(bytearray(_HEADER.size))  # the connecting rank's number
+            _read_exactly(sock, hello, "a connecting")
             incoming[_HEADER.unpack(hello)[0]] = sock
     if listener is not None:
         listener.close()
