@@ -1,8 +1,9 @@
 """task=check: a self-test to run on a cluster before a long job.
 
-Every rank normalizes its (uneven) slice of a seeded global batch with SyncBatchNorm, forward and backward,
-and compares with float64 BatchNorm on the whole batch; it also times one all-reduce of the stats payload.
-Prints backend, world size, max error and latency; a failure raises on every rank (non-zero exit).
+Every rank normalizes its (uneven) slice of a seeded global batch with SyncBatchNorm (torch.compile'd with
+``task.compile``), forward and backward, and compares with float64 BatchNorm on the whole batch; it also
+times one all-reduce of the stats payload. Prints backend, world size, max error and latency; a failure
+raises on every rank (non-zero exit).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from syncbn import SyncBatchNorm
 from syncbn.testing import compare_step, reference_batch_norm, rows_of
 
 from . import report
+from .models import compile_model
 from .runtime import Context, snapshot, sync_group
 
 
@@ -39,11 +41,13 @@ def _max_error(ctx: Context, group) -> float:
     gen = torch.Generator().manual_seed(ctx.cfg["seed"] + ctx.rank // group_size)
     layer = SyncBatchNorm(shape[1], process_group=group, device=ctx.device, dtype=torch.float64)
     reference = reference_batch_norm(len(shape), shape[1], device=ctx.device)
+    # The compiled module shares the layer's parameters and buffers, so the comparison reads the same state.
+    step = compile_model(layer, ctx.device) if settings["compile"] else layer
     worst = 0.0
     for _ in range(settings["steps"]):
         x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).to(ctx.device)
         dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(ctx.device)
-        _, errors = compare_step(layer, reference, x, dy, rows, process_group=group)
+        _, errors = compare_step(step, reference, x, dy, rows, process_group=group)
         worst = max(worst, *errors.values())
     return worst
 
@@ -82,13 +86,15 @@ def check(ctx: Context) -> None:
         "tolerance": c["tol"],
         "allreduce_numel": 2 * c["channels"] + 1,
         "allreduce_latency_us": round(latency, 1),
+        "compiled": c["compile"],
     }
     if ctx.is_main:
         report.write_json(ctx.run_dir / "check.json", result)
         ctx.log.info(
-            "syncbn check %s: backend %s, world size %d (sync groups of %d), max rel. error %.3g (tol %.0e), "
-            "all-reduce of %d float64: %.1f us median",
+            "syncbn check %s%s: backend %s, world size %d (sync groups of %d), max rel. error %.3g "
+            "(tol %.0e), all-reduce of %d float64: %.1f us median",
             "PASSED" if passed else "FAILED",
+            " (layer compiled)" if c["compile"] else "",
             result["backend"],
             result["world_size"],
             result["group_size"],

@@ -89,6 +89,7 @@ class CheckTask:
     steps: int = MISSING
     tol: float = MISSING
     comm_iters: int = MISSING
+    compile: bool = MISSING
 
 
 @dataclass

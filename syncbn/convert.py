@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from . import comms, subclass
-from .modules import SyncBatchNorm
+from .modules import SyncBatchNorm, bias_kwargs
 
 
 class BatchNormNd(_BatchNorm):
@@ -135,8 +135,9 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def _bias_kwargs(module: _BatchNorm) -> dict:
-    # torch >= 2.10 can build affine norms without a bias; only pass the flag when it matters.
-    return {"bias": False} if module.affine and module.bias is None else {}
+    # Only for an affine norm without a bias, and only where torch has the flag: elsewhere the new layer
+    # is built with a bias that _move_state then drops (it assigns the source's None).
+    return bias_kwargs(not (module.affine and module.bias is None))
 
 
 def _device_of(module: nn.Module) -> torch.device | None:

@@ -19,6 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from . import comms, compiled
 from .functional import _apply, _local_batch_norm, check_channels, input_error, momentum_factor
 
+# torch 2.10 added the keyword-only `bias` flag to BatchNorm; on older torch (our floor is 2.4) a layer
+# without a bias is built with one and then drops it, which is what the flag does.
 _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
 # Layers are numbered in construction order, counted from the first layer that syncs: the same on every
 # rank that builds the same model, so a call tag can tell layers apart without any exchange, even when a
@@ -36,6 +38,18 @@ def _layer_id(constructed: int, token: Any, group: Any) -> int:
     if first is None or first[0] is not token:
         first = _FIRST_SYNCED[key] = (token, constructed)
     return constructed - first[1] + 1  # the first layer that syncs is #1; 0 is the functional form's
+
+
+def bias_kwargs(bias: bool) -> dict:
+    """The constructor keywords for ``bias`` that this torch accepts (none when it has no such flag)."""
+    return {"bias": False} if not bias and _HAS_BIAS_ARG else {}
+
+
+def drop_bias(norm: _NormBase) -> _NormBase:
+    """Make an affine norm bias-free, as ``bias=False`` does on torch >= 2.10: ``bias`` becomes None."""
+    if norm.affine and norm.bias is not None:
+        norm.register_parameter("bias", None)
+    return norm
 
 
 class _SyncState:
@@ -79,12 +93,10 @@ class SyncBatchNorm(_BatchNorm):
     ) -> None:
         if num_features <= 0:
             raise ValueError(f"SyncBatchNorm needs num_features >= 1, got {num_features}")
-        kwargs = {"device": device, "dtype": dtype}
-        if not bias:  # only recent torch has the keyword-only `bias` flag
-            if not _HAS_BIAS_ARG:
-                raise ValueError(f"bias=False needs a newer torch than {torch.__version__}")
-            kwargs["bias"] = False
+        kwargs = {"device": device, "dtype": dtype, **bias_kwargs(bias)}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
+        if not bias:
+            drop_bias(self)
         self.process_group = comms.resolve_group(process_group)  # a ProcessGroup or a 1-D DeviceMesh
         self._constructed = next(_CONSTRUCTED)
         self._sync_state: _SyncState | None = None  # built on the first training call

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from . import comms
+from .modules import bias_kwargs, drop_bias
 
 # Relative error each input dtype reaches against the float64 reference (outputs and running stats).
 TOLERANCE: dict[torch.dtype, float] = {
@@ -26,11 +27,14 @@ TOLERANCE: dict[torch.dtype, float] = {
 
 
 def reference_batch_norm(ndim: int, num_features: int, **options) -> nn.Module:
-    """torch's BatchNorm1d/2d/3d for input of rank ``ndim`` (2 to 5), in float64 unless ``dtype`` is given."""
+    """torch's BatchNorm1d/2d/3d for input of rank ``ndim`` (2 to 5), in float64 unless ``dtype`` is given;
+    ``bias=False`` works on every torch, also those without the flag."""
     classes = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
     if ndim not in classes:
         raise ValueError(f"reference_batch_norm: input rank must be 2 to 5 (N, C, *), got {ndim}")
-    return classes[ndim](num_features, **{"dtype": torch.float64, **options})
+    bias = options.pop("bias", True)
+    norm = classes[ndim](num_features, **{"dtype": torch.float64, **options, **bias_kwargs(bias)})
+    return norm if bias else drop_bias(norm)
 
 
 def rows_of(rank: int, splits: list[int]) -> slice:

@@ -27,7 +27,8 @@ OPTIONS = [
 def test_constructor_matches_torch_syncbatchnorm():
     ours = inspect.signature(SyncBatchNorm.__init__).parameters
     theirs = inspect.signature(nn.SyncBatchNorm.__init__).parameters
-    assert list(ours) == list(theirs)
+    # torch < 2.10 has no `bias` flag; ours has it on every torch
+    assert list(ours) == list(theirs) or list(ours) == [*theirs, "bias"]
     for name, p in theirs.items():
         assert ours[name].default == p.default, name
         assert ours[name].kind == p.kind, name
@@ -44,6 +45,31 @@ def test_parameters_buffers_and_state_dict_match_torch(options):
     ours.load_state_dict(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict())
     assert repr(ours).replace("SyncBatchNorm", "") == repr(theirs).replace("SyncBatchNorm", "")
+
+
+def test_bias_false_on_a_torch_without_the_flag(monkeypatch):
+    """torch < 2.10 (our floor is 2.4) has no `bias` flag: the layer, convert/revert and the reference
+    still build affine norms without a bias, with the same parameters and state_dict as torch's flag."""
+    from syncbn import convert_sync_batchnorm, modules, revert_sync_batchnorm
+    from syncbn.testing import reference_batch_norm
+
+    with_flag = SyncBatchNorm(5, bias=False)
+    monkeypatch.setattr(modules, "_HAS_BIAS_ARG", False)
+    layer = SyncBatchNorm(5, bias=False)
+    assert layer.bias is None and layer.weight is not None
+    assert layer.state_dict().keys() == with_flag.state_dict().keys()
+    assert [n for n, _ in layer.named_parameters()] == ["weight"]
+    plain = nn.Sequential(nn.BatchNorm2d(5))
+    plain[0].register_parameter("bias", None)
+    synced = convert_sync_batchnorm(plain)
+    assert isinstance(synced[0], SyncBatchNorm) and synced[0].bias is None
+    back = revert_sync_batchnorm(synced)
+    assert isinstance(back[0], nn.BatchNorm2d) and back[0].bias is None and back[0].weight is not None
+    ref = reference_batch_norm(4, 5, bias=False)
+    assert ref.bias is None and ref.weight.dtype == torch.float64
+    x = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    layer.double()
+    assert rel_err(layer(x), ref(x)) < 1e-12
 
 
 def test_factory_kwargs():

@@ -111,8 +111,10 @@ def plan(gpus: int, compile_for: dict[str, str | None]) -> list[Step]:
         ("check-gloo", [*check, "backend=gloo"], "check.json"),
     ):
         key = compile_for.get(name)
-        reason = None if key else "skipped: no train.compile key"
-        steps.append(Step(f"{name}-compile", [*RUN, *job, f"{key}=true"], skip=reason, expect=expect))
+        reason = None if key else "skipped: this checkout's config has no task.compile key"
+        steps.append(
+            Step(f"{name}-compile", [*RUN, *job, f"{key or 'task.compile'}=true"], skip=reason, expect=expect)
+        )
     bench = [*RUN, "task=bench", "device=cuda", "timeout_s=3600"]
     return [
         *steps,

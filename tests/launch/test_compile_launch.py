@@ -60,3 +60,14 @@ def test_bench_has_compiled_rows(tmp_path):
     (network,) = result["network"]
     assert network["syncbn_compiled"] > 0 and network["bn_compiled"] > 0 and "compiled_speedup" in network
     assert "under torch.compile" in proc.stdout
+
+
+def test_check_with_the_layer_compiled_passes(tmp_path):
+    """task=check task.compile=true: the compiled layer against float64 BatchNorm, as the eager one is."""
+    proc = run(
+        ["-m", "launch.run", "task=check", "task.compile=true", f"hydra.run.dir={tmp_path}"], timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert result["passed"] is True and result["compiled"] is True and result["max_error"] <= 1e-8
+    assert "PASSED (layer compiled)" in proc.stdout + proc.stderr

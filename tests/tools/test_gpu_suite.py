@@ -155,7 +155,8 @@ def test_the_plan_on_one_gpu_shares_it_over_gloo_and_skips_what_needs_two():
         "main-job-compile",
         "check-gloo-compile",
     }
-    assert steps["main-job-compile"].skip == "skipped: no train.compile key"
+    assert steps["main-job-compile"].skip == "skipped: this checkout's config has no task.compile key"
+    assert gpu_runner.shown(steps["check-gloo-compile"]).endswith("backend=gloo task.compile=true")
     assert all(s.expect for name, s in steps.items() if "launch.run" in s.command)
 
 
@@ -166,13 +167,15 @@ def test_the_plan_on_two_gpus_adds_nccl_and_compile_when_the_key_exists():
     assert gpu_runner.shown(steps["main-job-compile"]).endswith(
         "launcher.nproc_per_node=2 train.compile=true"
     )
-    assert steps["check-gloo-compile"].skip == "skipped: no train.compile key"
+    assert steps["check-gloo-compile"].skip == "skipped: this checkout's config has no task.compile key"
 
 
 def test_compile_key_finds_the_key_wherever_the_config_has_it(monkeypatch):
     import launch.config
 
-    assert gpu_suite.compile_key(["device=cuda"]) in (None, "train.compile", "task.compile", "compile")
+    # this checkout: the main job and task=check both have the key, so make test-gpu runs both compiled
+    assert gpu_suite.compile_key(["device=cuda"]) == "task.compile"
+    assert gpu_suite.compile_key(["task=check", "device=cuda"]) == "task.compile"
     monkeypatch.setattr(launch.config, "compose", lambda job: {"task": {"name": "train", "compile": False}})
     assert gpu_suite.compile_key([]) == "task.compile"
     monkeypatch.setattr(launch.config, "compose", lambda job: {"task": {"name": "check"}})
