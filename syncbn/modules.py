@@ -19,8 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from . import comms, compiled
 from .functional import _apply, _local_batch_norm, check_channels, input_error, momentum_factor
 
-# torch 2.10 added the keyword-only `bias` flag to BatchNorm; on older torch (our floor is 2.4) a layer
-# without a bias is built with one and then drops it, which is what the flag does.
+# Recent torch has a keyword-only `bias` flag on BatchNorm (2.13 has it, 2.11 does not). On older torch
+# (our floor is 2.4) a layer without a bias is built with one and then drops it, as the flag would.
 _HAS_BIAS_ARG = "bias" in inspect.signature(_NormBase.__init__).parameters
 # Layers are numbered in construction order, counted from the first layer that syncs: the same on every
 # rank that builds the same model, so a call tag can tell layers apart without any exchange, even when a
@@ -46,7 +46,7 @@ def bias_kwargs(bias: bool) -> dict:
 
 
 def drop_bias(norm: _NormBase) -> _NormBase:
-    """Make an affine norm bias-free, as ``bias=False`` does on torch >= 2.10: ``bias`` becomes None."""
+    """Make an affine norm bias-free, as a recent torch's ``bias=False`` does: ``bias`` becomes None."""
     if norm.affine and norm.bias is not None:
         norm.register_parameter("bias", None)
     return norm

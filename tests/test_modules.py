@@ -27,7 +27,7 @@ OPTIONS = [
 def test_constructor_matches_torch_syncbatchnorm():
     ours = inspect.signature(SyncBatchNorm.__init__).parameters
     theirs = inspect.signature(nn.SyncBatchNorm.__init__).parameters
-    # torch < 2.10 has no `bias` flag; ours has it on every torch
+    # older torch (2.11, say) has no `bias` flag; ours has it on every torch
     assert list(ours) == list(theirs) or list(ours) == [*theirs, "bias"]
     for name, p in theirs.items():
         assert ours[name].default == p.default, name
@@ -36,7 +36,13 @@ def test_constructor_matches_torch_syncbatchnorm():
 
 @pytest.mark.parametrize("options", OPTIONS)
 def test_parameters_buffers_and_state_dict_match_torch(options):
-    ours, theirs = SyncBatchNorm(5, **options), nn.SyncBatchNorm(5, **options)
+    ours = SyncBatchNorm(5, **options)
+    if "bias" in inspect.signature(nn.SyncBatchNorm.__init__).parameters:
+        theirs = nn.SyncBatchNorm(5, **options)
+    else:  # older torch (the GPU machine's 2.11): what the flag does, done by hand
+        theirs = nn.SyncBatchNorm(5, **{k: v for k, v in options.items() if k != "bias"})
+        if not options.get("bias", True):
+            theirs.register_parameter("bias", None)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     for (n1, t1), (n2, t2) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
         assert n1 == n2 and t1.shape == t2.shape and t1.dtype == t2.dtype and torch.equal(t1, t2)
@@ -48,8 +54,8 @@ def test_parameters_buffers_and_state_dict_match_torch(options):
 
 
 def test_bias_false_on_a_torch_without_the_flag(monkeypatch):
-    """torch < 2.10 (our floor is 2.4) has no `bias` flag: the layer, convert/revert and the reference
-    still build affine norms without a bias, with the same parameters and state_dict as torch's flag."""
+    """Older torch (2.11, say; our floor is 2.4) has no `bias` flag: the layer, convert/revert and the
+    reference still build affine norms without a bias, with the parameters and state_dict of the flag."""
     from syncbn import convert_sync_batchnorm, modules, revert_sync_batchnorm
     from syncbn.testing import reference_batch_norm
 

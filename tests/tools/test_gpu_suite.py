@@ -247,3 +247,19 @@ def test_the_environment_names_the_gpu_the_versions_and_the_commit(monkeypatch):
     assert env["gpus"] == ["Fake GPU 0", "Fake GPU 1"] and env["torch"] == "2.11.0+cu130"
     assert env["cuda"] == "13.0" and env["nccl"] == "2.27.7" and env["python"] == sys.version.split()[0]
     assert env["date"].endswith("+00:00") and len(env["git_commit"] or "0" * 40) == 40
+
+
+def test_the_committed_gpu_run_passed_and_the_readme_quotes_its_figures():
+    """docs/gpu/ holds a real make test-gpu run; the README's CUDA figures must be that run's."""
+    root = Path(__file__).resolve().parents[2]
+    results = json.loads((root / "docs/gpu/results.json").read_text())
+    readme = (root / "README.md").read_text()
+    steps = results["steps"]
+    assert results["passed"] is True and "H100" in results["environment"]["gpu"]
+    assert {s["status"] for s in steps.values()} <= {"passed", "skipped"}
+    for name in ("main-job", "main-job-compile"):
+        figures = steps[name]["figures"]
+        assert f"{figures['seconds']:.1f} s" in readme and f"{figures['final_accuracy']:.3f}" in readme, name
+    assert f"{steps['check-gloo']['figures']['max_error']:.1e}" in readme
+    assert steps["bench-gloo"]["figures"]["rows"] == 28 and "28 rows" in readme
+    assert results["environment"]["torch"] in readme
