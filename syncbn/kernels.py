@@ -165,14 +165,14 @@ def pack_moments(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor, *
         # With eps=0, var = invstd^-2, except that the kernel reports invstd=0 (not inf) for a constant
         # channel, whose variance is 0.
         var = torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))
-    elif x.numel() >= LARGE and x.dim() > 2 and x.is_contiguous():
+    elif x.numel() >= LARGE and x.dim() > 2 and x.is_contiguous() and not _is_half(x):
         # batch_norm_update_stats accumulates NCHW float32 in float64, unvectorized: plain sums are faster
         _pack_shifted_sums(x, ws, call_row, code_row)
         if not sums:
             ws.data.div_(n)
         return
     else:
-        moments = _unshifted_moments(x) if x.numel() >= LARGE else None
+        moments = _unshifted_moments(x, ws) if x.numel() >= LARGE else None
         if moments is None:
             shift = _shift_view(x)
             # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
@@ -187,13 +187,26 @@ def pack_moments(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor, *
         ws.data.mul_(n)  # [n mean, n E[x^2]]
 
 
-def _unshifted_moments(x: Tensor) -> tuple[Tensor, Tensor] | None:
-    """(mean, var) of a large channels-last or 2-D input in one pass over ``x`` itself, when every channel
-    has |mean| <= 10 std, where the one-pass kernel loses no more than with a shift; else None (the caller
-    shifts). Saves the shifted copy, a full pass over the activation."""
-    if x.dtype not in (torch.float32, torch.float64):
+def _is_half(x: Tensor) -> bool:
+    return x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _unshifted_moments(x: Tensor, ws: Workspace) -> tuple[Tensor, Tensor] | None:
+    """(mean, var) of a large input in one pass over ``x`` itself, when every channel has |mean| <= 10 std,
+    where the one-pass kernel loses no more than with a shift; else None (the caller shifts). Saves the
+    shifted copy, a full pass over the activation: float32 input channels-last or 2-D; half input in any
+    layout, where the copy would be a float32 one, twice the input's size."""
+    if _is_half(x):
+        # Given float32 running stats, the kernel takes its mixed-type path: it accumulates the half input
+        # in float32 and returns float32 (mean, biased var). The stats are dummies: momentum 0 keeps them.
+        _, running_mean, running_var = ws.scratch(torch.float32)
+        mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, 0.0)
+        if mean.dtype != torch.float32:  # a torch without that path: half stats would lose digits
+            return None
+    elif x.dtype in (torch.float32, torch.float64):
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    else:
         return None
-    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
     if bool((mean.square() > 100.0 * var).any()):  # a CPU-only host read
         return None
     return mean, var

@@ -52,6 +52,11 @@ def make_cases(world_size: int) -> list:
         cases.append(dict(name=name, shape=(n, 4, 3, 3), splits=splits["uneven"], opts=opts))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         cases.append(dict(name=f"dtype-{dtype}", shape=(n, 4, 3, 3), splits=splits["uneven"], dtype=dtype))
+    for cl in (False, True):  # half input large enough on every rank for the one-pass float32 statistics
+        shape, split = (n, 32, 32, 32), splits["even"]
+        cases.append(
+            dict(name=f"bfloat16-large-cl={cl}", shape=shape, splits=split, dtype=torch.bfloat16, cl=cl)
+        )
     cases.append(
         dict(
             name="float32-channels_last",
