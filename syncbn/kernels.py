@@ -92,6 +92,14 @@ class Workspace:
             return bool(torch.isfinite(self.data).all() and torch.isfinite(self.inbox_data).all())
         return math.isfinite(mine.sum()) and math.isfinite(theirs.sum())  # an overflow is a false alarm only
 
+    def moments_centred(self) -> bool:
+        """Whether the packed (mean, var) rows have |mean| <= 10 std on every channel: where a one-pass
+        kernel loses no more digits than moments about a shift would (a host read on CPU: no dispatch).
+        NaN compares false, so a NaN input keeps its NaN statistics, as BatchNorm does."""
+        rows = self._host_data[0]
+        mean, var = rows if rows is not None else (self.first, self.second)
+        return not bool((mean * mean > 100.0 * var).any())
+
     def count(self, n: float) -> Tensor:
         """``[n]`` (float64) for the count slot: cached, since a layer sees few batch sizes."""
         t = self._counts.get(n)
@@ -156,15 +164,17 @@ def pack_moments(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor, *
     """Write this rank's forward payload ``[sum x, sum x^2, n | tag]`` (float64) into ``ws.payload``; with
     ``sums=False`` the data rows are the means ``[E x, E x^2]`` instead (a two-rank exchange weights them).
 
-    CPU: moments about a shift (this rank's first value per channel, so |mean| >> std costs no digits),
-    moved back about zero in float64. CUDA: the native Welford kernel. ``x`` is non-empty and valid.
+    CPU: one pass over the input itself while every channel has |mean| <= 10 std; past that, moments about
+    a shift (this rank's first value per channel, so |mean| >> std costs no digits), moved back about zero
+    in float64. CUDA: the native Welford kernel. ``x`` is non-empty and valid.
     """
-    n, shift = x.numel() // x.shape[1], None
+    n = x.numel() // x.shape[1]
     if x.is_cuda:
         mean, invstd = torch.batch_norm_stats(x, 0.0)
         # With eps=0, var = invstd^-2, except that the kernel reports invstd=0 (not inf) for a constant
         # channel, whose variance is 0.
         var = torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))
+        torch.cat([mean, var, ws.count(n), call_row, code_row], out=ws.payload)
     elif x.numel() >= LARGE and x.dim() > 2 and x.is_contiguous() and not _is_half(x):
         # batch_norm_update_stats accumulates NCHW float32 in float64, unvectorized: plain sums are faster
         _pack_shifted_sums(x, ws, call_row, code_row)
@@ -172,16 +182,11 @@ def pack_moments(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor, *
             ws.data.div_(n)
         return
     else:
-        moments = _unshifted_moments(x, ws) if x.numel() >= LARGE else None
-        if moments is None:
-            shift = _shift_view(x)
-            # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
-            centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
-            moments = torch.batch_norm_update_stats(centred, None, None, 0.0)
-        mean, var = moments
-    torch.cat([mean, var, ws.count(n), call_row, code_row], out=ws.payload)
-    if shift is not None:
-        ws.rows_as(x.dim())[0].add_(shift)  # float64 mean = shift + mean about the shift
+        moments = _unshifted_moments(x, ws)
+        if moments is not None:
+            torch.cat([*moments, ws.count(n), call_row, code_row], out=ws.payload)
+        if moments is None or not ws.moments_centred():
+            _pack_shifted_moments(x, ws, call_row, code_row, n)
     ws.second.addcmul_(ws.first, ws.first)  # E[x^2] = var + mean^2, in float64
     if sums:
         ws.data.mul_(n)  # [n mean, n E[x^2]]
@@ -192,10 +197,9 @@ def _is_half(x: Tensor) -> bool:
 
 
 def _unshifted_moments(x: Tensor, ws: Workspace) -> tuple[Tensor, Tensor] | None:
-    """(mean, var) of a large input in one pass over ``x`` itself, when every channel has |mean| <= 10 std,
-    where the one-pass kernel loses no more than with a shift; else None (the caller shifts). Saves the
-    shifted copy, a full pass over the activation: float32 input channels-last or 2-D; half input in any
-    layout, where the copy would be a float32 one, twice the input's size."""
+    """(mean, biased var) in one pass over ``x`` itself, or None where this torch has no such pass for its
+    dtype. Close to float64 while every channel has |mean| <= 10 std (the caller checks); saves the shifted
+    copy of the input and the dispatches that make it (three per small step)."""
     if _is_half(x):
         # Given float32 running stats, the kernel takes its mixed-type path: it accumulates the half input
         # in float32 and returns float32 (mean, biased var). The stats are dummies: momentum 0 keeps them.
@@ -203,13 +207,21 @@ def _unshifted_moments(x: Tensor, ws: Workspace) -> tuple[Tensor, Tensor] | None
         mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, 0.0)
         if mean.dtype != torch.float32:  # a torch without that path: half stats would lose digits
             return None
-    elif x.dtype in (torch.float32, torch.float64):
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-    else:
-        return None
-    if bool((mean.square() > 100.0 * var).any()):  # a CPU-only host read
-        return None
-    return mean, var
+        return mean, var
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
+    return None
+
+
+def _pack_shifted_moments(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor, n: int) -> None:
+    """(mean, biased var) about a shift, this rank's first value per channel: O(std) values, whatever the
+    mean; the mean moved back about zero in float64."""
+    shift = _shift_view(x)
+    # (N, C, *), O(std) values; float32 for half input, where x - shift is exact
+    centred = x - (shift if x.dtype in (torch.float32, torch.float64) else shift.float())
+    mean, var = torch.batch_norm_update_stats(centred, None, None, 0.0)
+    torch.cat([mean, var, ws.count(n), call_row, code_row], out=ws.payload)
+    ws.rows_as(x.dim())[0].add_(shift)  # float64 mean = shift + mean about the shift
 
 
 def _pack_shifted_sums(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor) -> None:
