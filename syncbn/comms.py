@@ -255,20 +255,31 @@ def _failure(tensor: torch.Tensor, process_group: ProcessGroup, error: Exception
     )
 
 
-def gather_objects(obj: Any, process_group: ProcessGroup = None) -> list:
-    """Every rank's ``obj``, in rank order. Off the hot path: only for error messages."""
+def gather_objects(obj: Any, process_group: ProcessGroup = None, device: torch.device | None = None) -> list:
+    """Every rank's ``obj``, in rank order. Off the hot path: only for error messages.
+
+    NCCL gathers objects through tensors on the *current* CUDA device, which is GPU 0 on every rank that
+    never called ``torch.cuda.set_device`` (its model moved with ``.to(f"cuda:{local_rank}")``): all ranks
+    on one GPU, an NCCL error instead of ours. So the layer's ``device`` is made current for the gather.
+    """
     gathered: list = [None] * world_size(process_group)
-    dist.all_gather_object(gathered, obj, group=process_group)
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            dist.all_gather_object(gathered, obj, group=process_group)
+    else:
+        dist.all_gather_object(gathered, obj, group=process_group)
     return gathered
 
 
-def raise_on_all_ranks(local_error: str | None, process_group: ProcessGroup = None) -> NoReturn:
+def raise_on_all_ranks(
+    local_error: str | None, process_group: ProcessGroup = None, device: torch.device | None = None
+) -> NoReturn:
     """Raise the same ValueError on every rank, naming each failing rank and its reason.
 
     Only called once every rank already knows that *some* rank failed (a reduced flag says so), so all
     ranks enter this exchange together; it is off the hot path and may cost two small collectives.
     """
-    failed = [f"rank {r}: {m}" for r, m in enumerate(gather_objects(local_error, process_group)) if m]
+    failed = [f"rank {r}: {m}" for r, m in enumerate(gather_objects(local_error, process_group, device)) if m]
     raise ValueError("SyncBatchNorm failed on " + "; ".join(failed or ["an unknown rank"]))
 
 
@@ -290,7 +301,7 @@ def check_num_features(
     all_reduce_sum(counts, process_group)
     seen = counts.tolist()
     if any(c < 0 for c in seen):
-        raise_on_all_ranks(local_error, process_group)
+        raise_on_all_ranks(local_error, process_group, device)
     if len(set(seen)) > 1:
         per_rank = ", ".join(f"rank {r}: C={c}" for r, c in enumerate(seen))
         raise ValueError(

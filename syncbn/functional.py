@@ -77,14 +77,15 @@ def _exchange(
         comms.all_reduce_sum(ws.payload, group)
         tail = ws.read_tail()  # the one host read of this pass (a device sync on CUDA)
     if not pairing.tags_agree(tail, layer_id, call_index, backward, comms.world_size(group)):
-        pairing.raise_mispaired(pairing.describe(layer_id, call_index, backward, num_features), group)
+        what = pairing.describe(layer_id, call_index, backward, num_features)
+        pairing.raise_mispaired(what, group, ws.payload.device)
     return tail, pair
 
 
-def _checked_count(count: float, error: str | None, num_features: int, group) -> float:
+def _checked_count(count: float, error: str | None, num_features: int, group, device: torch.device) -> float:
     """The global count; every rank reads the same number, so every rank takes the same branch."""
     if count != count:  # NaN: some rank flagged invalid input and joined only to tell us
-        comms.raise_on_all_ranks(error, group)
+        comms.raise_on_all_ranks(error, group, device)
     if count == 0:
         raise ValueError(
             f"SyncBatchNorm: the global batch is empty (0 values per channel across "
@@ -136,7 +137,7 @@ def forward_stats_and_normalize(
     if error is not None or input.numel() == 0:
         kernels.pack_empty(ws, call_row, code_row, 0.0 if error is None else float("nan"))
     tail, pair = _exchange(ws, layer_id, call_index, False, num_features, process_group, swap)
-    count = _checked_count(tail[0], error, num_features, process_group)
+    count = _checked_count(tail[0], error, num_features, process_group, input.device)
 
     sdt = stats_dtype(input.dtype)
     mean, var = kernels.global_stats(ws, count, sdt, pair)
@@ -189,7 +190,7 @@ def backward_reduce_and_grad(
     swap = comms.pairs(process_group, input.device)
     reduced, pair = _exchange(ws, layer_id, call_index, True, num_features, process_group, swap)
     if reduced[0] != reduced[0]:  # NaN: some rank failed here and joined only to tell us
-        comms.raise_on_all_ranks(error, process_group)
+        comms.raise_on_all_ranks(error, process_group, input.device)
     grad_input = None
     if need_input:
         grad_input = kernels.input_grad(grad_output, input, w, mean, var, ws, count=count, eps=eps, pair=pair)

@@ -76,13 +76,15 @@ def tags_agree(reduced_tail: list[float], layer_id: int, call_index: int, backwa
     return sb == world * b and sb2 == world * b * b and sa == world * a and sa2 == world * a * a
 
 
-def raise_mispaired(description: str, process_group: comms.ProcessGroup) -> None:
+def raise_mispaired(
+    description: str, process_group: comms.ProcessGroup, device: torch.device | None = None
+) -> None:
     """Every rank learned at the same collective that the tags differ: name what each rank was doing.
 
     All ranks call this together (they read the same reduced tags), so the gather cannot pair with
     anything else; it is off the hot path.
     """
-    seen = comms.gather_objects(description, process_group)
+    seen = comms.gather_objects(description, process_group, device)
     groups: dict[str, list[int]] = {}
     for r, what in enumerate(seen):
         groups.setdefault(what, []).append(r)
@@ -111,4 +113,4 @@ def check_fingerprint(
     reduced = comms.all_reduce_sum(fingerprint, process_group).tolist()
     world = comms.world_size(process_group)
     if any(reduced[2 * i] != world * v or reduced[2 * i + 1] != world * v * v for i, v in enumerate(values)):
-        raise_mispaired(description, process_group)
+        raise_mispaired(description, process_group, device)

@@ -232,3 +232,39 @@ def test_small_gloo_groups_sum_by_exchange_with_the_same_bits_on_every_rank(worl
                 and torch.equal(received, per_rank[1 - me]["swap"][1])
                 and torch.equal(sent, r["swap"][1])
             )
+
+
+def test_the_error_gather_runs_on_the_layers_gpu(world_of_one, monkeypatch):
+    """NCCL gathers objects on the current GPU: the error gather makes the layer's device current, so ranks
+    that never called set_device do not all gather on GPU 0 (tests/test_sync_errors.py runs it on NCCL).
+    Here the device context is recorded: it must be entered with the layer's device around the gather."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    events = []
+
+    @contextlib.contextmanager
+    def device(d):
+        events.append(("enter", d))
+        yield
+        events.append(("exit", d))
+
+    real_gather = dist.all_gather_object
+
+    def gather(out, obj, group=None):
+        events.append(("gather", obj))
+        real_gather(out, obj, group=group)
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    gpu1 = torch.device("cuda", 1)
+    assert comms.gather_objects("why", None, gpu1) == ["why"]
+    assert events == [("enter", gpu1), ("gather", "why"), ("exit", gpu1)]
+    events.clear()
+    with pytest.raises(ValueError, match="rank 0: bad input"):
+        comms.raise_on_all_ranks("bad input", None, gpu1)
+    assert events == [("enter", gpu1), ("gather", "bad input"), ("exit", gpu1)]
+    events.clear()
+    assert comms.gather_objects("why", None, torch.device("cpu")) == ["why"]
+    assert events == [("gather", "why")]  # CPU (gloo): no device to make current

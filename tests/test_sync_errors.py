@@ -13,7 +13,7 @@ import torch
 
 from syncbn import SyncBatchNorm, sync_batch_norm
 
-from .dist import DEVICE, spawn, values
+from .dist import BACKEND, DEVICE, spawn, values
 
 pytestmark = pytest.mark.multiprocess
 
@@ -178,3 +178,46 @@ def test_a_kernel_failure_on_one_rank_raises_on_every_rank(tmp_path):
             "ValueError",
             "SyncBatchNorm failed on rank 1: RuntimeError: simulated reduce_grads failure",
         )
+
+
+def errors_without_set_device(rank: int, world_size: int) -> dict:
+    """NCCL ranks that never called ``torch.cuda.set_device`` (the model moved with ``.to(f"cuda:{rank}")``):
+    GPU 0 is current on every rank. Each error path gathers every rank's reason, which NCCL does on the
+    current GPU; it must use the layer's GPU, or all ranks meet on GPU 0 and NCCL fails instead."""
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", rank)
+    good = torch.randn(4, 3, 5, device=dev)
+    out = {}
+
+    def attempt(name, call):
+        try:
+            call()
+            out[name] = ("none", "")
+        except Exception as e:
+            out[name] = (type(e).__name__, str(e))
+
+    first = SyncBatchNorm(3).to(dev)
+    attempt(
+        "first_call_wrong_channels", lambda: first(good if rank == 0 else torch.randn(4, 5, 5, device=dev))
+    )
+    later = SyncBatchNorm(3).to(dev)
+    later(good)  # past its first-call check
+    attempt("later_rank1d", lambda: later(good if rank == 0 else torch.randn(7, device=dev)))
+    a, b = SyncBatchNorm(3).to(dev), SyncBatchNorm(3).to(dev)
+    a(good), b(good)
+    attempt("mispaired", lambda: (a if rank == 0 else b)(good))  # each rank runs another layer
+    out["still_works"] = tuple(SyncBatchNorm(3).to(dev)(good).shape)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(BACKEND != "nccl", reason="NCCL only (SYNCBN_TEST_BACKEND=nccl, 2+ GPUs; make test-gpu)")
+def test_errors_over_nccl_without_set_device(tmp_path):
+    for r in values(spawn(errors_without_set_device, 2, tmp_path, timeout=120)):
+        kind, message = r["first_call_wrong_channels"]
+        assert kind == "ValueError" and "rank 1" in message and "expected C=3 channels, got 5" in message
+        kind, message = r["later_rank1d"]
+        assert kind == "ValueError" and "rank 1" in message and "1D input" in message
+        kind, message = r["mispaired"]
+        assert kind == "RuntimeError" and "mispaired" in message
+        assert r["still_works"] == (4, 3, 5)
