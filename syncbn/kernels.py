@@ -20,6 +20,8 @@ _native_bn_backward = torch.ops.aten.native_batch_norm_backward
 
 # From this size (elements) on, passes over the activation cost more than dispatches (measured on CPU).
 LARGE = 1 << 16
+# CUDA's native input-gradient kernel takes the global count as int32: past this, the generic path.
+INT32_MAX = (1 << 31) - 1
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -353,9 +355,10 @@ def input_grad(
     small = x.numel() < LARGE and not x.is_cuda
     if pair is not None and not small:
         torch.add(pair.rank0, pair.rank1, out=ws.data)
-    if x.is_cuda:
+    if x.is_cuda and count <= INT32_MAX:
         # The native kernel divides by the total of the per-rank counts it is given (int32) and wants
-        # sum dy * (x - mean); torch.full fills on the device: no sync.
+        # sum dy * (x - mean); torch.full fills on the device: no sync. A larger count (a 3-D batch on
+        # many GPUs) takes the few-pass path below, which works on any device.
         invstd = (var + eps).rsqrt()
         sum_dy, sum_dy_xhat = ws.data.to(mean.dtype).unbind()
         counts = torch.full((1,), count, dtype=torch.int32, device=x.device)

@@ -91,3 +91,31 @@ def test_sync_function_matches_batchnorm(world_of_one, device, case):
         assert b.grad.dtype == pdt and rel_err(b.grad, br.grad) < ptol * 40
     # bias=False (affine without bias) is covered by the comparison with the bias-free reference above,
     # and by backward itself: autograd raises if a gradient comes back for an input that was None.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("count", [1.0e6, 3.0e9])  # 3e9 values per channel: past CUDA's int32 count
+def test_input_gradient_for_global_counts_past_int32(device, count):
+    """A huge global batch (3-D input on many GPUs) can hold more than 2^31 values per channel. CUDA's
+    native input-gradient kernel takes the count as int32, so past that the layer takes the device-agnostic
+    path; either way dx = w invstd (dy - sum dy / N - xhat sum(dy xhat) / N) with the reduced sums."""
+    from syncbn import kernels
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64) + 1.0).float().to(dev)
+    dy = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64).float().to(dev)
+    w = torch.rand(3, generator=gen, dtype=torch.float64).float().to(dev) + 0.5
+    mean, var = x.double().mean((0, 2, 3)).float(), x.double().var((0, 2, 3), unbiased=False).float()
+    ws = kernels.Workspace(3, dev)
+    sums = torch.randn(2, 3, generator=gen, dtype=torch.float64) * count  # the other ranks' share included
+    ws.data.copy_(sums)
+    dx = kernels.input_grad(dy, x, w, mean, var, ws, count=count, eps=1e-5)
+
+    view = (1, -1, 1, 1)
+    invstd = (var.double() + 1e-5).rsqrt().view(view)
+    xhat = (x.double() - mean.double().view(view)) * invstd
+    sum_dy, sum_dy_xhat = (s.to(dev).view(view) for s in sums)
+    want = w.double().view(view) * invstd * (dy.double() - sum_dy / count - xhat * sum_dy_xhat / count)
+    assert dx.dtype == torch.float32 and torch.isfinite(dx).all()
+    assert rel_err(dx, want) < 1e-5
