@@ -175,8 +175,7 @@ def pack_moments(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor, *
         mean, invstd = torch.batch_norm_stats(x, 0.0)
         # With eps=0, var = invstd^-2, except that the kernel reports invstd=0 (not inf) for a constant
         # channel, whose variance is 0.
-        var = torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))
-        torch.cat([mean, var, ws.count(n), call_row, code_row], out=ws.payload)
+        moments = mean, torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))
     elif x.numel() >= LARGE and x.dim() > 2 and x.is_contiguous() and not _is_half(x):
         # batch_norm_update_stats accumulates NCHW float32 in float64, unvectorized: plain sums are faster
         _pack_shifted_sums(x, ws, call_row, code_row)
@@ -185,10 +184,10 @@ def pack_moments(x: Tensor, ws: Workspace, call_row: Tensor, code_row: Tensor, *
         return
     else:
         moments = _unshifted_moments(x, ws)
-        if moments is not None:
-            torch.cat([*moments, ws.count(n), call_row, code_row], out=ws.payload)
-        if moments is None or not ws.moments_centred():
-            _pack_shifted_moments(x, ws, call_row, code_row, n)
+    if moments is not None:
+        torch.cat([*moments, ws.count(n), call_row, code_row], out=ws.payload)
+    if not x.is_cuda and (moments is None or not ws.moments_centred()):
+        _pack_shifted_moments(x, ws, call_row, code_row, n)  # some channel has |mean| > 10 std
     ws.second.addcmul_(ws.first, ws.first)  # E[x^2] = var + mean^2, in float64
     if sums:
         ws.data.mul_(n)  # [n mean, n E[x^2]]
