@@ -204,7 +204,8 @@ def errors_without_set_device(rank: int, world_size: int) -> dict:
     later(good)  # past its first-call check
     attempt("later_rank1d", lambda: later(good if rank == 0 else torch.randn(7, device=dev)))
     a, b = SyncBatchNorm(3).to(dev), SyncBatchNorm(3).to(dev)
-    a(good), b(good)
+    a(good)  # both past their first-call checks, in the same order on every rank
+    b(good)
     attempt("mispaired", lambda: (a if rank == 0 else b)(good))  # each rank runs another layer
     out["still_works"] = tuple(SyncBatchNorm(3).to(dev)(good).shape)
     return out
